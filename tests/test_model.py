@@ -1,0 +1,178 @@
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models_lvmae import LVMAE, lvmae_paper
+from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+
+D = 32
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(num_patches=64, input_size=D, depth=2, num_heads=4, decoder_embed_dim=16,
+               decoder_depth=1, decoder_num_heads=2)
+    cfg.update(kw)
+    return LVMAE(**cfg).eval()
+
+
+def batch(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(len(lengths), max(lengths), D)
+    for i, n in enumerate(lengths):
+        x[i, :n] = F.normalize(torch.randn(n, D, generator=g), dim=-1)
+    return x, torch.tensor(lengths)
+
+
+def test_state_dict_names_and_strict_roundtrip(tmp_path):
+    model = tiny()
+    names = set(model.state_dict())
+    for n in ['cls_token', 'pos_embed', 'blocks.0.norm1.weight', 'blocks.0.attn.qkv.weight', 'blocks.0.attn.qkv.bias',
+              'blocks.0.attn.proj.weight', 'blocks.0.norm2.weight', 'blocks.0.mlp.fc1.weight', 'blocks.0.mlp.fc2.weight',
+              'norm.weight', 'decoder_embed.weight', 'mask_token', 'decoder_pos_embed', 'decoder_blocks.0.attn.qkv.weight',
+              'decoder_norm.weight', 'decoder_pred.weight']:
+        assert n in names, n
+    # the original release's checkpoint layout: {'model': ..., 'args': argparse.Namespace}
+    path = tmp_path / 'checkpoint-0.pth'
+    save_checkpoint(path, {'model': model.state_dict(), 'epoch': 0, 'args': argparse.Namespace(depth=2)})
+    other = tiny()
+    torch.nn.init.normal_(other.cls_token)
+    other.load_state_dict(load_checkpoint(path)['model'], strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    with pytest.raises(RuntimeError, match=r'blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\) vs model \(48, 16\)'):
+        load_model_state(LVMAE(num_patches=64, input_size=16, depth=2, num_heads=4, decoder_embed_dim=16,
+                               decoder_depth=1, decoder_num_heads=2), load_checkpoint(path)['model'], path)
+
+
+def test_paper_sizes():
+    with torch.device('meta'):
+        model = lvmae_paper()
+    enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(('decoder', 'mask_token')))
+    dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith(('decoder', 'mask_token')))
+    assert 400e6 < enc < 406e6 and 25e6 < dec < 28e6, (enc, dec)
+
+
+def test_sincos_positions():
+    model = tiny()
+    pe = model.pos_embed[0]
+    assert torch.all(pe[0] == 0)
+    assert torch.allclose(pe[1, :D // 2], torch.zeros(D // 2)) and torch.allclose(pe[1, D // 2:], torch.ones(D // 2))
+    assert torch.allclose(pe[3, 0], torch.sin(torch.tensor(2.0)))
+    assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+
+
+@pytest.mark.parametrize('ratio', [0.4, 0.5, 0.75, 0.9])
+def test_masked_count_per_sample(ratio):
+    model = tiny()
+    lengths = [1, 2, 3, 7, 10, 31, 64]
+    x, n = batch(lengths)
+    for semantic in [False, True, 'mask_changes']:
+        _, _, mask = model(x, n, mask_ratio=ratio, semantic=semantic)
+        for i, L in enumerate(lengths):
+            assert mask[i].sum().item() == L - int(L * (1 - ratio))
+            assert mask[i, L:].sum() == 0
+
+
+def test_semantic_masking_keeps_lowest_similarity():
+    model = tiny()
+    x, n = batch([20, 13], seed=3)
+    mask = model.make_mask(x, n, 0.5, semantic=True)
+    for i, L in enumerate([20, 13]):
+        sims = [0.0] + [F.cosine_similarity(x[i, t], x[i, t - 1], dim=0).item() for t in range(1, L)]
+        k = int(L * 0.5)
+        expected = sorted(range(L), key=lambda t: sims[t])[:k]
+        assert sorted((~mask[i, :L]).nonzero().flatten().tolist()) == sorted(expected)
+    reverse = model.make_mask(x, n, 0.5, semantic='mask_changes')
+    assert not torch.equal(mask, reverse)
+    assert reverse[0, 0]  # the first token (similarity 0) is masked when change points are masked
+
+
+def test_random_masking_follows_noise():
+    model = tiny()
+    x, n = batch([10])
+    noise = torch.arange(10, dtype=torch.float).flip(0)[None]  # lowest noise at the end
+    mask = model.make_mask(x, n, 0.5, noise=noise)
+    assert mask[0].tolist() == [True] * 5 + [False] * 5
+
+
+def test_padding_invariance():
+    model = tiny()
+    xb, nb = batch([9, 30, 17], seed=1)
+    x1 = xb[:1, :9]
+    mask_b = torch.zeros(3, 30, dtype=torch.bool)
+    mask_b[:, [1, 4, 5, 8]] = True
+    loss_b, pred_b, _ = model(xb, nb, mask=mask_b)
+    loss_1, pred_1, _ = model(x1, nb[:1], mask=mask_b[:1, :9])
+    assert torch.allclose(pred_b[0, :9], pred_1[0], atol=1e-5)
+    per_video = model.forward_loss(xb, pred_b, mask_b & model.valid_mask(nb, 30), reduction='none')
+    assert torch.allclose(per_video[0], loss_1, atol=1e-6)
+    feats_b = model.forward_features(xb, nb)
+    feats_1 = model.forward_features(x1, nb[:1])
+    assert torch.allclose(feats_b[0, :10], feats_1[0], atol=1e-5)
+
+
+def test_loss_counts_masked_tokens_only():
+    model = tiny()
+    x, n = batch([12])
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, [2, 3, 7]] = True
+    loss, pred, _ = model(x, n, mask=mask)
+    expected = ((pred[0, [2, 3, 7]] - x[0, [2, 3, 7]]) ** 2).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    model.cos_loss = True
+    loss_cos, pred, _ = model(x, n, mask=mask)
+    expected = (1 - F.cosine_similarity(pred[0, [2, 3, 7]], x[0, [2, 3, 7]], dim=-1)).mean()
+    assert torch.allclose(loss_cos, expected, atol=1e-6)
+
+
+def test_encoder_never_sees_masked_or_padded_tokens():
+    model = tiny()
+    x, n = batch([8, 14], seed=2)
+    mask = torch.zeros(2, 14, dtype=torch.bool)
+    mask[:, [0, 3, 6]] = True
+    loss, pred, _ = model(x, n, mask=mask)
+    x2 = x.clone()
+    x2[:, [0, 3, 6]] = torch.randn(2, 3, D)        # masked places: the loss changes, pred must not
+    loss2, pred2, _ = model(x2, n, mask=mask)
+    assert torch.allclose(pred, pred2, atol=1e-6) and not torch.allclose(loss, loss2)
+    x3 = x.clone()
+    x3[0, 8:] = torch.randn(6, D)                  # past video 0's length
+    loss3, pred3, _ = model(x3, n, mask=mask)
+    assert torch.allclose(pred[0, :8], pred3[0, :8], atol=1e-6) and torch.allclose(loss, loss3, atol=1e-6)
+    feats = model.forward_features(x, n)
+    feats3 = model.forward_features(x3, n)
+    assert torch.allclose(feats[0, :9], feats3[0, :9], atol=1e-6)
+
+
+def test_positions_follow_original_places():
+    """Visible tokens carry their original positions: moving which tokens are visible changes the output."""
+    model = tiny()
+    x, n = batch([10])
+    x[0, 5] = x[0, 2]
+    m1 = torch.ones(1, 10, dtype=torch.bool)
+    m1[0, 2] = False
+    m2 = torch.ones(1, 10, dtype=torch.bool)
+    m2[0, 5] = False
+    _, p1, _ = model(x, n, mask=m1)
+    _, p2, _ = model(x, n, mask=m2)
+    assert not torch.allclose(p1, p2, atol=1e-4)
+
+
+def test_gradients_and_backward_with_norm_pix_loss():
+    model = tiny(norm_pix_loss=True).train()
+    x, n = batch([5, 11])
+    loss, _, _ = model(x, n, mask_ratio=0.5)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.pos_embed.grad is None
+
+
+def test_too_long_is_an_error():
+    model = tiny(num_patches=8)
+    x, n = batch([9])
+    with pytest.raises(ValueError, match='longer than num_patches=8'):
+        model(x, n)

@@ -1,0 +1,207 @@
+"""Segment-embedding store and the dataset CSVs that point into it.
+
+Store (one file per video, DESIGN.md section 2): ``<embedding_dir>/<video_id>.safetensors`` with
+  - ``embeddings``: ``[N, D]`` float16 or float32, unit-norm rows, one per segment in time order
+  - ``starts``, ``ends``: ``[N]`` float64, each segment's window in seconds
+  - string metadata (``video_id``, ``model``, ``random_init`` = "1" for randomly initialised encoders, ...)
+Files are written atomically (temporary file in the same folder, then ``os.replace``).
+
+The original release's layout is also read: one ``langbind_output.pt`` per segment holding
+``{'embedding': Tensor[D], 'start': int, 'end': int}``, listed by a ``segment_paths`` CSV column.
+
+Dataset CSV: one row per video with ``video_id``, ``embedding_path`` (or ``segment_paths``),
+``number_of_segments`` and, for labelled data, ``label`` and ``label_name``. Relative paths are
+resolved against the CSV's folder.
+"""
+import ast
+import os
+import tempfile
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+
+EXTENSION = '.safetensors'
+
+
+class EmbeddingError(ValueError):
+    """Bad embedding file or CSV row; the message names the file (and the CSV row)."""
+
+
+def embedding_path(embedding_dir, video_id):
+    return os.path.join(embedding_dir, video_id + EXTENSION)
+
+
+def atomic_write(path, write_fn):
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_video_embeddings(path, embeddings, starts, ends, metadata=None, dtype=np.float16):
+    """Write one video's ``[N, D]`` segment embeddings (L2-normalised here) atomically."""
+    emb = torch.as_tensor(embeddings).float()
+    emb = F.normalize(emb, dim=-1).numpy().astype(dtype)
+    tensors = {
+        'embeddings': np.ascontiguousarray(emb),
+        'starts': np.asarray(starts, dtype=np.float64),
+        'ends': np.asarray(ends, dtype=np.float64),
+    }
+    if not (len(tensors['starts']) == len(tensors['ends']) == emb.shape[0]):
+        raise ValueError(f'{path}: {emb.shape[0]} embeddings but {len(tensors["starts"])} starts / '
+                         f'{len(tensors["ends"])} ends')
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path):
+    """String metadata of a store file (empty dict if none)."""
+    with safe_open(path, framework='numpy') as f:
+        return dict(f.metadata() or {})
+
+
+def _check(emb, path, input_size=None):
+    if emb.ndim != 2 or emb.shape[0] == 0:
+        raise EmbeddingError(f'{path}: expected a [N, D] array with N >= 1, got shape {tuple(emb.shape)}')
+    if input_size is not None and emb.shape[1] != input_size:
+        raise EmbeddingError(f'{path}: embedding size {emb.shape[1]} does not match --input_size {input_size}')
+    if not torch.isfinite(emb).all():
+        bad = (~torch.isfinite(emb)).any(dim=1).nonzero()[0].item()
+        raise EmbeddingError(f'{path}: non-finite value (NaN/inf) in segment {bad}')
+    if (emb.norm(dim=-1) == 0).any():
+        bad = (emb.norm(dim=-1) == 0).nonzero()[0].item()
+        raise EmbeddingError(f'{path}: all-zero embedding in segment {bad}')
+
+
+def load_video_embeddings(path, input_size=None, with_times=False):
+    """Load ``[N, D]`` float32 unit-norm embeddings from a store file; errors name the file."""
+    try:
+        arrays = load_file(path)
+    except FileNotFoundError:
+        raise EmbeddingError(f'{path}: embedding file not found') from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EmbeddingError(f'{path}: unreadable embedding file ({e})') from None
+    if 'embeddings' not in arrays:
+        raise EmbeddingError(f'{path}: no "embeddings" tensor in file')
+    emb = torch.from_numpy(arrays['embeddings'].astype(np.float32))
+    _check(emb, path, input_size)
+    emb = F.normalize(emb, dim=-1)
+    if with_times:
+        return emb, torch.from_numpy(arrays['starts']), torch.from_numpy(arrays['ends'])
+    return emb
+
+
+def load_legacy_segments(paths, input_size=None, with_times=False):
+    """Original release layout: one ``{'embedding', 'start', 'end'}`` .pt per segment."""
+    embs, starts, ends = [], [], []
+    for p in paths:
+        try:
+            d = torch.load(p, map_location='cpu', weights_only=True)
+            embs.append(torch.as_tensor(d['embedding']).float().reshape(-1))
+            starts.append(float(d.get('start', len(starts))))
+            ends.append(float(d.get('end', len(ends) + 1)))
+        except FileNotFoundError:
+            raise EmbeddingError(f'{p}: segment embedding file not found') from None
+        except Exception as e:  # unpickling errors, missing key, bad tensor
+            raise EmbeddingError(f'{p}: unreadable segment embedding file ({type(e).__name__}: {e})') from None
+    if not embs:
+        raise EmbeddingError('empty segment_paths list')
+    try:
+        emb = torch.stack(embs)
+    except RuntimeError:
+        raise EmbeddingError(f'{paths[0]}: segments of different sizes in one video') from None
+    _check(emb, paths[0], input_size)
+    emb = F.normalize(emb, dim=-1)
+    if with_times:
+        return emb, torch.tensor(starts, dtype=torch.float64), torch.tensor(ends, dtype=torch.float64)
+    return emb
+
+
+def read_csv(csv_path, label_required=False):
+    """Read a dataset CSV into a list of row dicts with resolved paths.
+
+    Each dict has ``video_id``, ``row`` (1-based data row, the header is row 0), ``source`` (a
+    store path or a list of legacy segment paths) and, when present, ``label`` / ``label_name``.
+    """
+    if not os.path.isfile(csv_path):
+        raise EmbeddingError(f'{csv_path}: CSV file not found')
+    try:
+        df = pd.read_csv(csv_path, dtype={'video_id': str, 'label_name': str}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise EmbeddingError(f'{csv_path}: empty CSV file') from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise EmbeddingError(f'{csv_path}: unreadable CSV ({e})') from None
+    if 'embedding_path' not in df.columns and 'segment_paths' not in df.columns:
+        raise EmbeddingError(f'{csv_path}: needs an "embedding_path" or "segment_paths" column, '
+                             f'has {list(df.columns)}')
+    if label_required and 'label' not in df.columns:
+        raise EmbeddingError(f'{csv_path}: needs a "label" column, has {list(df.columns)}')
+    if len(df) == 0:
+        raise EmbeddingError(f'{csv_path}: CSV has a header but no rows')
+    base = os.path.dirname(os.path.abspath(csv_path))
+
+    def resolve(p):
+        p = os.path.expanduser(str(p))
+        return p if os.path.isabs(p) else os.path.join(base, p)
+
+    rows = []
+    for i, r in enumerate(df.to_dict('records'), start=1):
+        vid = str(r.get('video_id', i))
+        if 'embedding_path' in df.columns and str(r['embedding_path']).strip():
+            source = resolve(r['embedding_path'])
+        elif 'segment_paths' in df.columns:
+            try:
+                paths = ast.literal_eval(str(r['segment_paths']))
+                assert isinstance(paths, (list, tuple))
+            except Exception:
+                raise EmbeddingError(f'{csv_path} row {i}: segment_paths is not a Python list literal') from None
+            source = [resolve(p) for p in paths]
+        else:
+            raise EmbeddingError(f'{csv_path} row {i}: empty embedding_path')
+        row = {'video_id': vid, 'row': i, 'source': source}
+        if 'label' in df.columns:
+            label = r['label']
+            try:
+                label = float(label)
+            except (TypeError, ValueError):
+                raise EmbeddingError(f'{csv_path} row {i}: label {label!r} is not a number') from None
+            if not np.isfinite(label):
+                raise EmbeddingError(f'{csv_path} row {i}: label {label!r} is not finite')
+            row['label'] = label
+            row['label_name'] = str(r.get('label_name', ''))
+        rows.append(row)
+    return rows
+
+
+def load_row(row, input_size=None, csv_path=None):
+    """Embeddings ``[N, D]`` of one CSV row (store file or legacy segment list); errors name the CSV row."""
+    try:
+        if isinstance(row['source'], list):
+            return load_legacy_segments(row['source'], input_size)
+        return load_video_embeddings(row['source'], input_size)
+    except EmbeddingError as e:
+        where = f'{csv_path} row {row["row"]} (video {row["video_id"]}): ' if csv_path else ''
+        raise EmbeddingError(where + str(e)) from None
+
+
+def pad_batch(seqs):
+    """Pad a list of ``[L_i, D]`` tensors to the longest: returns ``x [B, L_max, D]`` (zeros past
+    each length) and ``lengths [B]``."""
+    lengths = torch.tensor([s.shape[0] for s in seqs], dtype=torch.long)
+    x = seqs[0].new_zeros(len(seqs), int(lengths.max()), seqs[0].shape[1])
+    for i, s in enumerate(seqs):
+        x[i, :s.shape[0]] = s
+    return x, lengths
