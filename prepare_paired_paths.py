@@ -1,0 +1,155 @@
+"""Step 2: turn segments_metadata.csv (step 1) into the job file(s) of step 3.
+
+One job per video: its input path, its segments and the store file step 3 writes
+(``<embedding_dir>/<video_id>.safetensors``). Videos whose store file is already complete are left
+out, so a rerun only does what is missing; ``--num_shards K`` splits the jobs into K files with
+near-equal numbers of segments (one per machine).
+
+    python prepare_paired_paths.py --segments_csv data/lvu_segments/segments_metadata.csv \
+        --embedding_dir data/lvu_embeddings
+"""
+import argparse
+import heapq
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+from util.embeddings import EmbeddingError, atomic_write, embedding_path, load_video_embeddings
+
+REQUIRED_COLUMNS = ['video_id', 'video_path', 'segment_index', 'start', 'end', 'num_frames', 'fps', 'duration']
+NUMBERS = {'segment_index': int, 'start': float, 'end': float, 'num_frames': int, 'fps': float, 'duration': float}
+
+
+class SegmentsError(ValueError):
+    """Malformed segments CSV; the message names the file (and row)."""
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Job files for langbind_preprocessing.py', add_help=True)
+    parser.add_argument('--segments_csv', required=True, help='segments_metadata.csv written by step 1')
+    parser.add_argument('--embedding_dir', required=True, help='folder where step 3 writes one file per video')
+    parser.add_argument('--out_json', default=None,
+                        help='job file (default: paired_paths.json beside the segments CSV); with '
+                             '--num_shards K > 1: <stem>_<k>of<K>.json, k = 0..K-1')
+    parser.add_argument('--num_shards', default=1, type=int, help='split the jobs into this many files')
+    return parser
+
+
+def read_segments(csv_path):
+    """Jobs (without ``output_path``) from a segments CSV, sorted by video id, segments by index."""
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise SegmentsError(f'{csv_path}: file not found') from None
+    except pd.errors.EmptyDataError:
+        raise SegmentsError(f'{csv_path}: empty file') from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise SegmentsError(f'{csv_path}: unreadable CSV ({e})') from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise SegmentsError(f'{csv_path}: missing column(s) {missing}; has {list(df.columns)}')
+    jobs = {}
+    for i, r in enumerate(df.to_dict('records'), start=1):
+        where = f'{csv_path} row {i} (line {i + 1})'
+        values = {}
+        for col, kind in NUMBERS.items():
+            try:
+                values[col] = kind(r[col])
+                assert math.isfinite(values[col])
+            except (ValueError, AssertionError):
+                raise SegmentsError(f'{where}: {col} {r[col]!r} is not a finite {kind.__name__}') from None
+        if not r['video_id'] or not r['video_path']:
+            raise SegmentsError(f'{where}: empty video_id or video_path')
+        if values['end'] <= values['start']:
+            raise SegmentsError(f'{where}: end {values["end"]} is not after start {values["start"]}')
+        job = jobs.setdefault(r['video_id'], dict(
+            video_id=r['video_id'], video_path=r['video_path'], fps=values['fps'],
+            num_frames=values['num_frames'], duration=values['duration'], segments=[]))
+        if job['video_path'] != r['video_path']:
+            raise SegmentsError(f'{where}: video {r["video_id"]} listed with two paths '
+                                f'({job["video_path"]} and {r["video_path"]})')
+        job['segments'].append(dict(index=values['segment_index'], start=values['start'], end=values['end'],
+                                    path=r.get('segment_path') or None))
+    for job in jobs.values():
+        job['segments'].sort(key=lambda s: s['index'])
+        if [s['index'] for s in job['segments']] != list(range(len(job['segments']))):
+            raise SegmentsError(f'{csv_path}: video {job["video_id"]} has segment indices '
+                                f'{[s["index"] for s in job["segments"]]}, expected 0..N-1 once each')
+    return [jobs[v] for v in sorted(jobs)]
+
+
+def is_complete(output_path, segments):
+    """True when the store file at ``output_path`` loads and holds one embedding per segment, with
+    the same start and end times (``segments``: dicts with ``start`` and ``end``)."""
+    if not os.path.isfile(output_path):
+        return False
+    try:
+        emb, starts, ends = load_video_embeddings(output_path, with_times=True)
+    except EmbeddingError:
+        return False
+    return (emb.shape[0] == len(segments)
+            and np.allclose(starts.numpy(), [s['start'] for s in segments], rtol=0, atol=1e-6)
+            and np.allclose(ends.numpy(), [s['end'] for s in segments], rtol=0, atol=1e-6))
+
+
+def shard_jobs(jobs, num_shards):
+    """Split ``jobs`` into ``num_shards`` lists with near-equal segment totals (largest job first to
+    the lightest shard); each shard keeps the jobs' order."""
+    heap = [(0, k) for k in range(num_shards)]
+    members = [[] for _ in range(num_shards)]
+    for i in sorted(range(len(jobs)), key=lambda i: -len(jobs[i]['segments'])):
+        load, k = heapq.heappop(heap)
+        members[k].append(i)
+        heapq.heappush(heap, (load + len(jobs[i]['segments']), k))
+    return [[jobs[i] for i in sorted(m)] for m in members]
+
+
+def segment_length(jobs):
+    """The segment length: the first window of a video with several segments is a full one."""
+    full = [j['segments'][0] for j in jobs if len(j['segments']) > 1]
+    segs = full or [s for j in jobs for s in j['segments']]
+    return max((round(s['end'] - s['start'], 6) for s in segs), default=0.0)
+
+
+def write_json(path, doc):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(doc, f, indent=1)
+    atomic_write(path, write)
+
+
+def main(args):
+    if args.num_shards < 1:
+        sys.exit('error: --num_shards must be >= 1')
+    try:
+        jobs = read_segments(args.segments_csv)
+    except SegmentsError as e:
+        sys.exit(f'error: {e}')
+    embedding_dir = os.path.abspath(args.embedding_dir)
+    for job in jobs:
+        job['output_path'] = embedding_path(embedding_dir, job['video_id'])
+    todo = [j for j in jobs if not is_complete(j['output_path'], j['segments'])]
+
+    out_json = args.out_json or os.path.join(os.path.dirname(os.path.abspath(args.segments_csv)),
+                                             'paired_paths.json')
+    if args.num_shards == 1:
+        files = [(out_json, todo)]
+    else:
+        stem = os.path.splitext(out_json)[0]
+        files = [(f'{stem}_{k}of{args.num_shards}.json', shard)
+                 for k, shard in enumerate(shard_jobs(todo, args.num_shards))]
+    header = {'version': 1, 'segment_sec': segment_length(jobs), 'embedding_dir': embedding_dir}
+    for path, shard in files:
+        write_json(path, dict(header, jobs=shard))
+        print(f'{path}: {len(shard)} videos, {sum(len(j["segments"]) for j in shard)} segments')
+    print(f'{len(jobs)} videos in {args.segments_csv}: {len(jobs) - len(todo)} already complete in '
+          f'{embedding_dir} (left out), {len(todo)} to do')
+    return files
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

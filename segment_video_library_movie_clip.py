@@ -1,0 +1,130 @@
+"""Step 1: find the videos of a folder (recursively) and cut each into consecutive segment windows.
+
+Writes ``<out_dir>/segments_metadata.csv`` (one row per segment) and ``<out_dir>/bad_videos.csv``
+(videos skipped, with the reason). With ``--reencode`` each segment is also written as its own
+H.264 file ``<out_dir>/<video_id>/<start>-<end>/video.mp4`` (the original release's layout).
+
+    python segment_video_library_movie_clip.py --video_dir videos/ --out_dir data/lvu_segments
+"""
+import argparse
+import os
+import sys
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+
+import pandas as pd
+from tqdm import tqdm
+
+from util.embeddings import atomic_write
+from util.video import VideoError, probe_video, reencode_segments, segment_file, segment_windows
+
+SEGMENT_COLUMNS = ['video_id', 'video_path', 'segment_index', 'start', 'end', 'num_frames', 'fps',
+                   'duration', 'segment_path']
+BAD_COLUMNS = ['video_path', 'reason']
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Cut long videos into segment windows', add_help=True)
+    parser.add_argument('--video_dir', required=True, help='folder searched recursively for videos')
+    parser.add_argument('--out_dir', required=True,
+                        help='where segments_metadata.csv, bad_videos.csv (and --reencode files) go')
+    parser.add_argument('--segment_sec', default=5.0, type=float, help='segment length in seconds')
+    parser.add_argument('--min_last_sec', default=1.0, type=float,
+                        help='drop a final segment shorter than this (seconds)')
+    parser.add_argument('--extensions', nargs='+', default=['mp4', 'mkv', 'webm', 'avi', 'mov'],
+                        help='video file extensions (case-insensitive)')
+    parser.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int,
+                        help='processes probing (and re-encoding) videos in parallel; 0 = in this process')
+    parser.add_argument('--reencode', action='store_true',
+                        help='also write each segment as its own H.264 file (slower, needs disk space)')
+    return parser
+
+
+def video_id(path, video_dir):
+    """Path relative to ``video_dir`` without extension, '/' replaced by '-' (DESIGN.md section 2)."""
+    return os.path.splitext(os.path.relpath(path, video_dir))[0].replace(os.sep, '-')
+
+
+def find_videos(video_dir, extensions, exclude_dir=None):
+    """``{video_id: absolute path}`` of every video under ``video_dir`` (skipping ``exclude_dir``).
+    Exits with an error listing every video id that two files would share."""
+    exts = {'.' + e.lower().lstrip('.') for e in extensions}
+    exclude = os.path.abspath(exclude_dir) if exclude_dir else None
+    by_id = defaultdict(list)
+    for root, dirs, files in os.walk(video_dir):
+        dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(root, d)) != exclude]
+        for name in files:
+            if os.path.splitext(name)[1].lower() in exts:
+                path = os.path.abspath(os.path.join(root, name))
+                by_id[video_id(path, os.path.abspath(video_dir))].append(path)
+    clashes = {vid: paths for vid, paths in by_id.items() if len(paths) > 1}
+    if clashes:
+        lines = '\n'.join(f'  {vid}: {", ".join(sorted(p))}' for vid, p in sorted(clashes.items()))
+        sys.exit(f'error: several files give the same video id (rename them or narrow --extensions):\n{lines}')
+    return {vid: paths[0] for vid, paths in sorted(by_id.items())}
+
+
+def process_video(item, segment_sec, min_last_sec, reencode_dir=None):
+    """Probe one video (and re-encode its segments): returns ``(segment rows, None)`` or
+    ``([], reason)``. Runs in a worker process."""
+    vid, path = item
+    try:
+        info = probe_video(path)
+        windows = segment_windows(info.duration, segment_sec, min_last_sec)
+        if not windows:
+            raise VideoError(f'shorter ({info.duration:.2f} s) than --min_last_sec {min_last_sec}')
+        seg_paths = [''] * len(windows)
+        if reencode_dir:
+            seg_paths = [segment_file(reencode_dir, vid, s, e) for s, e in windows]
+            reencode_segments(path, windows, seg_paths)
+    except VideoError as e:
+        return [], str(e)
+    rows = [dict(video_id=vid, video_path=path, segment_index=k, start=s, end=e, num_frames=info.num_frames,
+                 fps=info.fps, duration=info.duration, segment_path=p)
+            for k, ((s, e), p) in enumerate(zip(windows, seg_paths))]
+    return rows, None
+
+
+def write_csv(path, rows, columns):
+    atomic_write(path, lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False))
+
+
+def main(args):
+    if not os.path.isdir(args.video_dir):
+        sys.exit(f'error: --video_dir {args.video_dir} is not a folder')
+    if not 0 <= args.min_last_sec <= args.segment_sec or args.segment_sec <= 0:
+        sys.exit('error: need --segment_sec > 0 and 0 <= --min_last_sec <= --segment_sec')
+    out_dir = os.path.abspath(args.out_dir)
+    videos = find_videos(args.video_dir, args.extensions, exclude_dir=out_dir)
+    print(f'found {len(videos)} videos under {args.video_dir}')
+
+    work = partial(process_video, segment_sec=args.segment_sec, min_last_sec=args.min_last_sec,
+                   reencode_dir=out_dir if args.reencode else None)
+    progress = partial(tqdm, total=len(videos), unit='video', desc='re-encoding' if args.reencode else 'probing')
+    if args.num_workers > 0 and len(videos) > 1:
+        with ProcessPoolExecutor(args.num_workers) as pool:
+            results = list(progress(pool.map(work, videos.items())))
+    else:
+        results = list(progress(map(work, videos.items())))
+
+    segments, bad = [], []
+    for path, (rows, reason) in zip(videos.values(), results):
+        segments.extend(rows)
+        if reason:
+            bad.append(dict(video_path=path, reason=reason))
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(os.path.join(out_dir, 'segments_metadata.csv'), segments, SEGMENT_COLUMNS)
+    write_csv(os.path.join(out_dir, 'bad_videos.csv'), bad, BAD_COLUMNS)
+
+    print(f'videos: {len(videos)} found, {len(videos) - len(bad)} segmented into {len(segments)} segments '
+          f'of {args.segment_sec:g} s, {len(bad)} skipped -> {out_dir}')
+    for b in bad[:20]:
+        print(f'  skipped {b["video_path"]}: {b["reason"]}')
+    if len(bad) > 20:
+        print(f'  ... {len(bad) - 20} more in bad_videos.csv')
+    return segments, bad
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

@@ -1,0 +1,259 @@
+"""Steps 1 and 2 of the preprocessing chain on generated videos (util/synthetic.write_video)."""
+import json
+import os
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+
+import prepare_paired_paths as step2
+import segment_video_library_movie_clip as step1
+from util.embeddings import save_video_embeddings
+from util.synthetic import color_frames, write_video
+from util.video import VideoError, probe_video, segment_windows
+
+COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))  # color_frames' default: one colour per 5 s
+
+# relative path -> (seconds, fps, (width, height), codec)
+GOOD = {
+    'P03/cam01/P03_cereals.mp4': (12.3, 10, (64, 48), 'libx264'),  # not a multiple of 5 s, nested
+    'long.mkv': (10.0, 25, (80, 64), 'libx264'),                    # exact multiple, no frame count in header
+    'short.webm': (3.0, 15, (48, 32), 'libvpx-vp9'),                # shorter than one segment
+    'tail.avi': (10.5, 10, (64, 48), 'mpeg4'),                      # 0.5 s tail < --min_last_sec: dropped
+}
+EXPECTED = {  # video id -> segment windows
+    'P03-cam01-P03_cereals': [(0.0, 5.0), (5.0, 10.0), (10.0, 12.3)],
+    'long': [(0.0, 5.0), (5.0, 10.0)],
+    'short': [(0.0, 3.0)],
+    'tail': [(0.0, 5.0), (5.0, 10.0)],
+}
+
+
+def run_step1(video_dir, out_dir, *extra):
+    args = step1.get_args_parser().parse_args(['--video_dir', str(video_dir), '--out_dir', str(out_dir), *extra])
+    return step1.main(args)
+
+
+def run_step2(*argv):
+    return step2.main(step2.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope='module')
+def library(tmp_path_factory):
+    root = tmp_path_factory.mktemp('videos')
+    for rel, (sec, fps, size, codec) in GOOD.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_video(root / rel, color_frames(sec, fps=fps, size=size), fps=fps, codec=codec)
+    write_video(root / 'tiny.mp4', color_frames(0.5), fps=10)  # shorter than --min_last_sec
+    data = (root / 'P03/cam01/P03_cereals.mp4').read_bytes()
+    (root / 'broken').mkdir()
+    (root / 'broken/corrupt.mp4').write_bytes(data[:len(data) // 2])
+    (root / 'empty.mov').write_bytes(b'')
+    (root / 'notes.mp4').write_text('not a video\n' * 20)
+    (root / 'readme.txt').write_text('ignored: not a video extension')
+    return root
+
+
+@pytest.fixture(scope='module')
+def segmented(library, tmp_path_factory):
+    out = tmp_path_factory.mktemp('segments')
+    run_step1(library, out, '--num_workers', '2')
+    return out
+
+
+def test_segment_windows():
+    assert segment_windows(10.0) == [(0.0, 5.0), (5.0, 10.0)]
+    assert segment_windows(10.5) == [(0.0, 5.0), (5.0, 10.0)]
+    assert segment_windows(11.0) == [(0.0, 5.0), (5.0, 10.0), (10.0, 11.0)]
+    assert segment_windows(10.5, min_last_sec=0.5) == [(0.0, 5.0), (5.0, 10.0), (10.0, 10.5)]
+    assert segment_windows(3.0) == [(0.0, 3.0)]
+    assert segment_windows(0.5) == []
+    assert segment_windows(7.0, segment_sec=2.5) == [(0.0, 2.5), (2.5, 5.0), (5.0, 7.0)]
+
+
+def test_probe(library):
+    for rel, (sec, fps, size, _) in GOOD.items():
+        info = probe_video(str(library / rel))
+        assert info.num_frames == round(sec * fps), rel
+        assert info.fps == pytest.approx(fps) and info.duration == pytest.approx(sec, abs=1e-6), rel
+        assert (info.width, info.height) == size, rel
+    for rel, reason in [('empty.mov', 'empty'), ('notes.mp4', 'not a readable video'),
+                        ('broken/corrupt.mp4', 'not a readable video')]:
+        with pytest.raises(VideoError, match=reason):
+            probe_video(str(library / rel))
+
+
+def test_segments_csv_and_bad_videos(library, segmented, capsys):
+    df = pd.read_csv(segmented / 'segments_metadata.csv', keep_default_na=False)
+    assert list(df.columns) == step1.SEGMENT_COLUMNS
+    assert list(df.video_id.unique()) == sorted(EXPECTED)  # deterministic order, nested id rule
+    for vid, windows in EXPECTED.items():
+        rows = df[df.video_id == vid]
+        assert list(rows.segment_index) == list(range(len(windows)))
+        np.testing.assert_allclose(np.stack([rows.start, rows.end], 1), windows)
+        sec, fps, _, _ = next(v for k, v in GOOD.items() if step1.video_id(str(library / k), str(library)) == vid)
+        assert set(rows.num_frames) == {round(sec * fps)} and set(rows.fps) == {fps}
+        assert rows.duration.iloc[0] == pytest.approx(sec)
+        assert all(os.path.isabs(p) and os.path.isfile(p) for p in rows.video_path)
+        assert set(rows.segment_path) == {''}  # no --reencode
+
+    bad = pd.read_csv(segmented / 'bad_videos.csv')
+    reasons = {os.path.relpath(p, library): r for p, r in zip(bad.video_path, bad.reason)}
+    assert set(reasons) == {'tiny.mp4', 'broken/corrupt.mp4', 'empty.mov', 'notes.mp4'}
+    assert 'shorter' in reasons['tiny.mp4'] and 'empty file' in reasons['empty.mov']
+    assert 'not a readable video' in reasons['notes.mp4'] and 'not a readable video' in reasons['broken/corrupt.mp4']
+
+
+def test_summary_and_in_process_run_agree(library, segmented, tmp_path, capsys):
+    run_step1(library, tmp_path, '--num_workers', '0')
+    out = capsys.readouterr().out
+    assert '8 found, 4 segmented into 8 segments' in out and '4 skipped' in out and 'empty file' in out
+    for name in ('segments_metadata.csv', 'bad_videos.csv'):
+        assert (tmp_path / name).read_bytes() == (segmented / name).read_bytes()
+
+
+def test_truncated_with_index_first(tmp_path):
+    """An mp4 whose index precedes the data opens fine when truncated: the packet count catches it."""
+    path = tmp_path / 'faststart.mp4'
+    with av.open(str(path), 'w', options={'movflags': 'faststart'}) as c:
+        s = c.add_stream('libx264', rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, 'yuv420p'
+        for f in color_frames(6):
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    assert probe_video(str(path)).num_frames == 60
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(VideoError, match='truncated'):
+        probe_video(str(path))
+
+
+def test_video_id_collision(tmp_path):
+    (tmp_path / 'v').mkdir()
+    for name in ('a.mp4', 'a.mkv'):
+        write_video(tmp_path / 'v' / name, color_frames(1), fps=10)
+    with pytest.raises(SystemExit, match='same video id') as e:
+        run_step1(tmp_path / 'v', tmp_path / 'out', '--num_workers', '0')
+    assert 'a.mp4' in str(e.value) and 'a.mkv' in str(e.value)
+    assert not (tmp_path / 'out' / 'segments_metadata.csv').exists()
+
+
+def test_out_dir_inside_video_dir_is_not_searched(tmp_path):
+    write_video(tmp_path / 'clip.mp4', color_frames(6), fps=10)
+    for _ in range(2):
+        segments, bad = run_step1(tmp_path, tmp_path / 'segments', '--reencode', '--num_workers', '0')
+        assert [r['video_id'] for r in segments] == ['clip', 'clip'] and not bad
+
+
+def _decode(path):
+    with av.open(str(path)) as c:
+        return [(f.key_frame, f.to_ndarray(format='rgb24')) for f in c.decode(video=0)]
+
+
+def test_reencode(library, tmp_path):
+    out = tmp_path / 'seg'
+    segments, _ = run_step1(library, out, '--reencode', '--num_workers', '0')
+    assert len(segments) == 8
+    for row in segments:
+        path = row['segment_path']
+        start, end = row['start'], row['end']
+        assert path == str(out / row['video_id'] / f'{start:g}-{end:g}' / 'video.mp4')
+        frames = _decode(path)
+        assert len(frames) == round((end - start) * row['fps'])  # exactly the window's frames
+        assert frames[0][0]  # starts with a keyframe
+        first_color = frames[0][1].reshape(-1, 3).mean(0)
+        np.testing.assert_allclose(first_color, COLORS[int(start // 5) % 3], atol=20)  # the right window
+    assert (out / 'P03-cam01-P03_cereals' / '10-12.3' / 'video.mp4').is_file()
+    df = pd.read_csv(out / 'segments_metadata.csv', keep_default_na=False)
+    assert list(df.segment_path) == [r['segment_path'] for r in segments]
+
+    # a rerun keeps complete files and writes only the missing one
+    stamp = {r['segment_path']: os.stat(r['segment_path']).st_mtime_ns for r in segments}
+    removed = segments[1]['segment_path']
+    os.remove(removed)
+    run_step1(library, out, '--reencode', '--num_workers', '0')
+    assert os.path.isfile(removed) and len(_decode(removed)) == 50
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamp.items() if p != removed)
+    assert not list(out.rglob('*.tmp'))
+
+
+def test_job_file_and_complete_outputs(segmented, tmp_path, capsys):
+    csv = segmented / 'segments_metadata.csv'
+    emb_dir = tmp_path / 'emb'
+    run_step2('--segments_csv', csv, '--embedding_dir', emb_dir)
+    doc = json.loads((segmented / 'paired_paths.json').read_text())
+    assert doc['version'] == 1 and doc['segment_sec'] == 5.0 and doc['embedding_dir'] == str(emb_dir)
+    jobs = {j['video_id']: j for j in doc['jobs']}
+    assert list(jobs) == sorted(EXPECTED)
+    cereals = jobs['P03-cam01-P03_cereals']
+    assert cereals['output_path'] == str(emb_dir / 'P03-cam01-P03_cereals.safetensors')
+    assert cereals['num_frames'] == 123 and cereals['fps'] == 10.0 and cereals['duration'] == pytest.approx(12.3)
+    assert cereals['video_path'].endswith('P03/cam01/P03_cereals.mp4')
+    assert [(s['index'], s['start'], s['end'], s['path']) for s in cereals['segments']] == \
+        [(0, 0.0, 5.0, None), (1, 5.0, 10.0, None), (2, 10.0, 12.3, None)]
+
+    # simulate step 3: one complete store, one with a missing segment, one unreadable
+    def store(vid, windows):
+        s, e = zip(*windows)
+        save_video_embeddings(jobs[vid]['output_path'], np.random.default_rng(0).normal(size=(len(s), 8)), s, e)
+    store('long', EXPECTED['long'])
+    store('tail', EXPECTED['tail'][:1])
+    (emb_dir / 'short.safetensors').write_bytes(b'half a file')
+    assert step2.is_complete(jobs['long']['output_path'], jobs['long']['segments'])
+    assert not step2.is_complete(jobs['tail']['output_path'], jobs['tail']['segments'])
+    assert not step2.is_complete(jobs['short']['output_path'], jobs['short']['segments'])
+    assert not step2.is_complete(jobs['long']['output_path'], jobs['tail']['segments'][:1] * 2)  # other times
+    out_json = tmp_path / 'rerun.json'
+    run_step2('--segments_csv', csv, '--embedding_dir', emb_dir, '--out_json', out_json)
+    assert [j['video_id'] for j in json.loads(out_json.read_text())['jobs']] == \
+        ['P03-cam01-P03_cereals', 'short', 'tail']
+    assert '1 already complete' in capsys.readouterr().out
+
+
+def test_reencoded_paths_in_jobs(library, tmp_path):
+    out = tmp_path / 'seg'
+    run_step1(library, out, '--reencode', '--num_workers', '0', '--extensions', 'webm')
+    run_step2('--segments_csv', out / 'segments_metadata.csv', '--embedding_dir', tmp_path / 'emb')
+    (job,) = json.loads((out / 'paired_paths.json').read_text())['jobs']
+    assert job['segments'][0]['path'] == str(out / 'short' / '0-3' / 'video.mp4')
+
+
+def test_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for v in range(23):
+        n = int(rng.integers(1, 30))
+        rows += [dict(video_id=f'v{v:02d}', video_path=f'/data/v{v:02d}.mp4', segment_index=k, start=5.0 * k,
+                      end=5.0 * k + 5, num_frames=n * 50, fps=10.0, duration=5.0 * n, segment_path='')
+                 for k in range(n)]
+    csv = tmp_path / 'segments_metadata.csv'
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    run_step2('--segments_csv', csv, '--embedding_dir', tmp_path / 'emb', '--num_shards', 4)
+    shards = [json.loads((tmp_path / f'paired_paths_{k}of4.json').read_text())['jobs'] for k in range(4)]
+    ids = [j['video_id'] for s in shards for j in s]
+    assert sorted(ids) == [f'v{v:02d}' for v in range(23)]  # every job exactly once
+    loads = [sum(len(j['segments']) for j in s) for s in shards]
+    assert sum(loads) == len(rows)
+    assert max(loads) - min(loads) <= max(len(j['segments']) for s in shards for j in s)
+    assert all([j['video_id'] for j in s] == sorted(j['video_id'] for j in s) for s in shards)
+    assert not (tmp_path / 'paired_paths.json').exists()
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda df: df.drop(columns=['end']), r"missing column\(s\) \['end'\]"),
+    (lambda df: df.assign(start=['0', 'five']), r"row 2 \(line 3\): start 'five' is not a finite float"),
+    (lambda df: df.assign(end=['5', '4']), r'row 2 \(line 3\): end 4.0 is not after start 5.0'),
+    (lambda df: df.assign(segment_index=[0, 0]), r'segment indices \[0, 0\]'),
+])
+def test_malformed_segments_csv(tmp_path, edit, message):
+    df = pd.DataFrame(dict(video_id=['a', 'a'], video_path=['/x/a.mp4'] * 2, segment_index=[0, 1], start=[0.0, 5.0],
+                           end=[5.0, 9.0], num_frames=[90, 90], fps=[10.0, 10.0], duration=[9.0, 9.0],
+                           segment_path=['', '']))
+    csv = tmp_path / 'bad.csv'
+    edit(df).to_csv(csv, index=False)
+    with pytest.raises(SystemExit, match=message) as e:
+        run_step2('--segments_csv', csv, '--embedding_dir', tmp_path / 'emb')
+    assert str(csv) in str(e.value)

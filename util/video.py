@@ -1,0 +1,174 @@
+"""Long videos: probing, 5-second segment windows and segment re-encoding, with PyAV.
+
+Times are seconds from the video's first frame (its lowest presentation timestamp).
+"""
+import bisect
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import groupby
+
+import av
+from av.video.frame import PictureType
+
+from util.embeddings import atomic_write
+
+
+class VideoError(ValueError):
+    """A file that is not a usable video; the message says why (step 1 reports it in bad_videos.csv)."""
+
+
+@dataclass
+class VideoInfo:
+    num_frames: int
+    fps: float
+    duration: float
+    width: int
+    height: int
+
+
+def probe_video(path):
+    """Duration, frame count, fps and size of ``path``, read from the packets of its first video
+    stream (all packets are demuxed, nothing but the first frame is decoded), so containers
+    without a frame count in their header (mkv, webm, avi) are handled and truncation is caught.
+    Raises VideoError for missing, empty, unreadable, truncated, non-video and zero-frame files."""
+    if not os.path.isfile(path):
+        raise VideoError('file not found')
+    if os.path.getsize(path) == 0:
+        raise VideoError('empty file (0 bytes)')
+    try:
+        container = av.open(path)
+    except av.FFmpegError as e:
+        raise VideoError(f'not a readable video: corrupt, truncated or not a video format '
+                         f'(FFmpeg: {e.strerror or e})') from None
+    with container:
+        return _probe(container)
+
+
+def _probe(container):
+    if not container.streams.video:
+        raise VideoError('no video stream')
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    tb = stream.time_base
+    frame_ticks = round(1 / (rate * tb)) if rate and tb else 0
+    n, first, end, decoded = 0, None, None, False
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            n += 1
+            t = packet.pts if packet.pts is not None else packet.dts
+            if t is not None:
+                first = t if first is None else min(first, t)
+                end = max(end or t, t + (packet.duration or frame_ticks))
+            if not decoded:
+                decoded = bool(packet.decode())
+        if not decoded and n:
+            decoded = bool(stream.codec_context.decode(None))
+    except av.FFmpegError as e:
+        raise VideoError(f'corrupt or truncated: read error after {n} frames ({e.strerror or e})') from None
+    if n == 0:
+        raise VideoError('video stream has no frames')
+    if not decoded:
+        raise VideoError(f'no frame of its {n} could be decoded')
+    if stream.frames and n < stream.frames:
+        raise VideoError(f'truncated: header says {stream.frames} frames, only {n} found')
+    if first is None or not tb or end <= first:
+        if not rate:
+            raise VideoError('no timestamps and no frame rate: duration unknown')
+        duration = float(n / rate)
+    else:
+        duration = float((end - first) * tb)
+        if rate and abs(duration - n / rate) < 0.5 / rate:  # constant rate: undo timestamp rounding
+            duration = float(n / rate)
+    if container.duration:
+        stated = container.duration / av.time_base
+        if duration < stated - max(2.0, 0.1 * stated):
+            raise VideoError(f'truncated: video data ends at {duration:.2f} s, file says {stated:.2f} s')
+    fps = float(rate) if rate else n / duration
+    return VideoInfo(num_frames=n, fps=fps, duration=duration, width=stream.width, height=stream.height)
+
+
+def segment_windows(duration, segment_sec=5.0, min_last_sec=1.0):
+    """``[(start, end)]`` = ``[k*S, min((k+1)*S, duration))``; a last window shorter than
+    ``min_last_sec`` is dropped (so a video shorter than ``min_last_sec`` has none)."""
+    windows, k = [], 0
+    while k * segment_sec < duration:
+        start, end = round(k * segment_sec, 6), round(min((k + 1) * segment_sec, duration), 6)
+        if end - start >= min_last_sec:
+            windows.append((start, end))
+        k += 1
+    return windows
+
+
+def format_time(t):
+    """Seconds as in the original release's folder names: ``5`` when whole, else up to 3 decimals."""
+    return str(int(t)) if float(t).is_integer() else f'{t:.3f}'.rstrip('0').rstrip('.')
+
+
+def segment_file(out_dir, video_id, start, end):
+    """The original release's layout: ``<out_dir>/<video_id>/<start>-<end>/video.mp4``."""
+    return os.path.join(out_dir, video_id, f'{format_time(start)}-{format_time(end)}', 'video.mp4')
+
+
+def reencode_segments(path, windows, out_paths, codec='libx264'):
+    """Write the frames of each window ``[start, end)`` of ``path`` to its own H.264 mp4 (so each
+    file starts with a keyframe and holds exactly its window's frames), decoding the video once.
+    Files are written atomically; those already present are complete and kept. Returns the number
+    of frames written per window (0 for kept files)."""
+    counts = [0] * len(windows)
+    todo = [not os.path.isfile(p) for p in out_paths]
+    if not any(todo):
+        return counts
+    starts = [s for s, _ in windows]
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = 'AUTO'
+            rate = stream.average_rate or stream.guessed_rate
+            tb = stream.time_base
+
+            def timed_frames():
+                origin = None
+                for i, frame in enumerate(container.decode(stream)):
+                    if frame.pts is None:
+                        yield Fraction(i) / rate, frame
+                        continue
+                    origin = frame.pts if origin is None else origin
+                    yield (frame.pts - origin) * tb, frame
+
+            def window_of(item):
+                k = bisect.bisect_right(starts, item[0]) - 1
+                return k if k >= 0 and item[0] < windows[k][1] else None
+
+            for k, group in groupby(timed_frames(), key=window_of):
+                if k is None or not todo[k]:
+                    continue
+
+                def write(tmp):
+                    counts[k] = _encode(tmp, (f for _, f in group), rate, stream.width, stream.height, codec)
+                atomic_write(out_paths[k], write)
+    except av.FFmpegError as e:
+        raise VideoError(f'decode/encode error while re-encoding ({e.strerror or e})') from None
+    missing = [f'{s}-{e}' for (s, e), p in zip(windows, out_paths) if not os.path.isfile(p)]
+    if missing:
+        raise VideoError(f'no frames in window(s) {", ".join(missing)}')
+    return counts
+
+
+def _encode(tmp_path, frames, rate, width, height, codec):
+    """Encode ``frames`` at constant ``rate`` into a new mp4 (yuv420p needs even sizes)."""
+    n = 0
+    with av.open(tmp_path, mode='w', format='mp4') as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, 'yuv420p'
+        for frame in frames:
+            frame = frame.reformat(width=stream.width, height=stream.height, format='yuv420p')
+            frame.pts, frame.time_base, frame.pict_type = n, 1 / Fraction(rate), PictureType.NONE
+            for packet in stream.encode(frame):
+                out.mux(packet)
+            n += 1
+        for packet in stream.encode():
+            out.mux(packet)
+    return n
