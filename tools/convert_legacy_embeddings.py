@@ -1,0 +1,66 @@
+"""Convert the original release's per-segment files (<root>/<video_id>/<start>-<end>/langbind_output.pt)
+into the per-video store (<embedding_dir>/<video_id>.safetensors).
+
+  python tools/convert_legacy_embeddings.py --legacy_root R --embedding_dir E [--dtype fp16|fp32]
+
+Videos already converted (store file loads and has as many segments) are skipped, so a rerun only does
+what is left; a video with an unreadable segment file is reported and skipped.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from util.embeddings import (EmbeddingError, embedding_path, load_legacy_segments, load_video_embeddings,
+                             save_video_embeddings)
+from util.legacy import legacy_videos
+
+DTYPES = {'fp16': np.float16, 'fp32': np.float32}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description='Convert legacy per-segment embeddings to the per-video store')
+    p.add_argument('--legacy_root', required=True, help='folder of <video_id>/<start>-<end>/langbind_output.pt')
+    p.add_argument('--embedding_dir', required=True, help='store folder written: <video_id>.safetensors')
+    p.add_argument('--dtype', choices=list(DTYPES), default='fp16', help='stored precision')
+    return p
+
+
+def is_converted(path, num_segments):
+    try:
+        return load_video_embeddings(path).shape[0] == num_segments
+    except EmbeddingError:
+        return False
+
+
+def main(args):
+    """Returns ``{video_id: reason}`` for the videos that could not be converted."""
+    if not os.path.isdir(args.legacy_root):
+        raise EmbeddingError(f'{args.legacy_root}: legacy folder not found')
+    videos = legacy_videos(args.legacy_root)
+    converted, skipped, bad = 0, 0, {}
+    for vid, paths in videos.items():
+        out = embedding_path(args.embedding_dir, vid)
+        if os.path.isfile(out) and is_converted(out, len(paths)):
+            skipped += 1
+            continue
+        try:
+            emb, starts, ends = load_legacy_segments(paths, with_times=True)
+        except EmbeddingError as e:
+            bad[vid] = str(e)
+            print(f'skipped {vid}: {e}')
+            continue
+        save_video_embeddings(out, emb, starts, ends, dtype=DTYPES[args.dtype],
+                              metadata={'video_id': vid, 'source': 'legacy langbind_output.pt',
+                                        'legacy_root': os.path.abspath(args.legacy_root)})
+        converted += 1
+    print(f'{len(videos)} videos: {converted} converted, {skipped} already converted, {len(bad)} bad')
+    return bad
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(1 if main(get_args_parser().parse_args()) else 0)
+    except EmbeddingError as e:
+        sys.exit(f'error: {e}')
