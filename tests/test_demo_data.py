@@ -1,0 +1,154 @@
+"""The generated demo benchmark (tools/make_demo_data.py): files, labels, determinism, reuse."""
+import argparse
+import math
+import os
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+
+from tools import make_demo_data as demo
+from util.tasks import VIEW_COUNT_OFFSET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(num_videos=5, min_minutes=0.75, max_minutes=0.9, fps=2, size='32x24', max_count=2, seed=0)
+
+
+def make_args(out_dir, **overrides):
+    return argparse.Namespace(out_dir=str(out_dir), **dict(TINY, **overrides))
+
+
+def read_split(path):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return lines[0].split(), [line.split() for line in lines[1:]]
+
+
+def runs(segments, kind):
+    """``[(first, length)]`` of the runs of ``kind``."""
+    return [(first, n) for k, first, n in demo.scenes(segments) if k == kind]
+
+
+def check_labels(v, max_count):
+    seg, n = v['segments'], len(v['segments'])
+    mix_counts = [seg.count(k) for k in demo.MIX_KINDS]
+    assert 2 * mix_counts[v['mix']] > sum(mix_counts)  # the labelled kind fills more than half
+    (a_start, a_len), = runs(seg, demo.ORDER_KINDS[0])  # each order kind: exactly one scene
+    (b_start, b_len), = runs(seg, demo.ORDER_KINDS[1])
+    assert a_len == b_len == demo.order_block(n)
+    first, second = sorted([(a_start, a_len), (b_start, b_len)])
+    assert first[0] + first[1] <= n // 3 and second[0] >= n - n // 3  # first and last thirds
+    assert v['order'] == int(a_start < b_start)
+    assert seg.count(demo.COUNT_KIND) == v['count'] <= max_count
+    assert math.log(v['view_count']) - VIEW_COUNT_OFFSET == pytest.approx(v['count'] - max_count / 2, abs=1e-4)
+
+
+def test_files_decode_and_labels_follow_the_rules(tmp_path):
+    args = make_args(tmp_path)
+    plan = demo.generate(args)
+    assert [v['video_id'] for v in plan] == [f'demo{i:04d}' for i in range(5)]
+    for v in plan:
+        assert 45 <= v['duration'] <= 54 and v['duration'] % demo.SEGMENT_SEC == 0
+        assert len(v['segments']) * demo.SEGMENT_SEC == v['duration']
+        check_labels(v, args.max_count)
+        with av.open(str(tmp_path / 'videos' / f"{v['video_id']}.mp4")) as c:
+            frames = np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
+            assert float(c.duration / av.time_base) == pytest.approx(v['duration'], abs=0.5)
+        assert frames.shape == (v['duration'] * args.fps, 24, 32, 3)
+        # the file shows the planned scenes: each decoded segment is nearer to its own rendering than to
+        # the rendering of any segment of another kind
+        per_segment = demo.SEGMENT_SEC * args.fps
+        decoded = frames.reshape(-1, per_segment, 24, 32, 3).astype(float)
+        rendered = np.stack(list(demo.render_video(v, args.fps, (32, 24), args.seed))).reshape(decoded.shape)
+        for i, kind in enumerate(v['segments']):
+            dist = np.abs(decoded[i] - rendered).mean(axis=(1, 2, 3, 4))
+            assert all(dist[i] < dist[j] for j, other in enumerate(v['segments']) if other != kind)
+    for task, names in demo.TASKS.items():
+        for split in demo.SPLITS:
+            header, rows = read_split(tmp_path / 'lvu_1.0' / task / f'{split}.csv')
+            videos = [v for v in plan if v['split'] == split]
+            assert [r[-2] for r in rows] == [v['video_id'] for v in videos] and videos
+            if names is None:
+                assert header == ['view_count', 'youtube_id', 'imdb_id']
+                assert [int(r[0]) for r in rows] == [v['view_count'] for v in videos]
+            else:
+                assert header == ['class_id', 'class_name', 'youtube_id', 'imdb_id']
+                assert [(int(r[0]), r[1]) for r in rows] == [(v[task], names[v[task]]) for v in videos]
+            assert all(r[-1].startswith('tt') for r in rows)
+    assert [sum(v['split'] == s for v in plan) for s in demo.SPLITS] == [3, 1, 1]
+    orders = [v['order'] for v in plan]
+    assert abs(2 * sum(orders) - len(orders)) <= 1  # balanced
+    assert 'order' in (tmp_path / 'README.txt').read_text()
+
+
+def test_larger_plan_is_balanced_and_follows_the_rules():
+    plan = demo.make_plan(60, 1, 3, 4, seed=3)
+    for v in plan:
+        assert 12 <= len(v['segments']) <= 36
+        check_labels(v, 4)
+    for split in demo.SPLITS:
+        vs = [v for v in plan if v['split'] == split]
+        assert abs(2 * sum(v['order'] for v in vs) - len(vs)) <= 1
+        assert max(np.bincount([v['mix'] for v in vs], minlength=3)) - min(np.bincount([v['mix'] for v in vs])) <= 1
+    assert len({v['count'] for v in plan}) == 5
+
+
+def test_scene_kinds_are_distinct():
+    """Nearest mean colour and contrast picks the right kind for scenes of unseen seeds."""
+    def feature(kind, seed):
+        f = demo.render_scene(kind, 10, (32, 32), np.random.default_rng(seed)).reshape(-1, 3).astype(float)
+        return np.concatenate([f.mean(0), f.std(0)])
+    centres = {k: np.mean([feature(k, s) for s in range(10)], axis=0) for k in demo.KINDS}
+    for k in demo.KINDS:
+        for s in range(10, 15):
+            f = feature(k, s)
+            assert min(centres, key=lambda j: np.linalg.norm(f - centres[j])) == k
+
+
+def all_bytes(folder):
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(dirpath, name), 'rb') as f:
+                out[os.path.relpath(os.path.join(dirpath, name), folder)] = f.read()
+    return out
+
+
+def test_deterministic_reused_and_regenerated(tmp_path):
+    demo.generate(make_args(tmp_path / 'a'))
+    demo.generate(make_args(tmp_path / 'b'))
+    a, b = all_bytes(tmp_path / 'a'), all_bytes(tmp_path / 'b')
+    assert a == b and len(a) == 5 + 9 + 2
+    demo.generate(make_args(tmp_path / 'c', seed=1))
+    c = all_bytes(tmp_path / 'c')
+    assert all(c[k] != a[k] for k in a if k.startswith('videos'))
+    assert any(c[k] != a[k] for k in a if k.startswith('lvu_1.0'))
+
+    # same arguments through the command line: nothing rewritten
+    mtimes = {k: os.stat(tmp_path / 'a' / k).st_mtime_ns for k in a}
+    cmd = [sys.executable, os.path.join('tools', 'make_demo_data.py'), '--out_dir', str(tmp_path / 'a')]
+    cmd += [x for k, v in TINY.items() for x in (f'--{k}', str(v))]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert 'reused' in out
+    assert {k: os.stat(tmp_path / 'a' / k).st_mtime_ns for k in a} == mtimes
+
+    # other arguments: regenerated, videos of the earlier run removed
+    (tmp_path / 'a' / 'videos' / 'notes.txt').write_text('not ours')
+    plan = demo.generate(make_args(tmp_path / 'a', num_videos=3))
+    assert sorted(os.listdir(tmp_path / 'a' / 'videos')) == ['demo0000.mp4', 'demo0001.mp4', 'demo0002.mp4',
+                                                             'notes.txt']
+    assert all_bytes(tmp_path / 'a')['stamp.json'] != a['stamp.json'] and len(plan) == 3
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(min_minutes=0.5), 'too short'),
+    (dict(min_minutes=0.8, max_minutes=0.81), 'no whole number'),
+    (dict(size='33x24'), 'even'),
+    (dict(num_videos=2), 'at least 3'),
+])
+def test_bad_arguments(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        demo.generate(make_args(tmp_path, **overrides))
+    assert not os.path.exists(tmp_path / 'stamp.json')
