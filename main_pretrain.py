@@ -1,0 +1,195 @@
+"""Pretrain LV-MAE on segment embeddings.
+
+One process:  python main_pretrain.py --data_path data/combined.csv ...
+One node:     torchrun --nproc_per_node 8 main_pretrain.py ...
+Many nodes:   torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --rdzv_backend c10d \
+                --rdzv_endpoint HOST:29500 main_pretrain.py ...
+"""
+import argparse
+import datetime
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import util.misc as misc
+from engine_pretrain import evaluate, train_one_epoch
+from models_lvmae import LVMAE, SEMANTIC_ORDERS
+from util.datasets import PretrainDataset, collate_pretrain
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('LV-MAE pretraining', add_help=True)
+    p.add_argument('--batch_size', default=16, type=int, help='videos per process per step')
+    p.add_argument('--epochs', default=150, type=int)
+    p.add_argument('--accum_iter', default=1, type=int,
+                   help='gradient accumulation steps (global batch = batch_size * world size * accum_iter)')
+    p.add_argument('--max_steps_per_epoch', default=None, type=int, help='cap on steps per epoch (tests, benchmarks)')
+
+    # model
+    p.add_argument('--input_size', default=1024, type=int, help='segment embedding size (= encoder width)')
+    p.add_argument('--num_patches', default=256, type=int, help='longest sequence in segments (256 x 5 s = 21 min)')
+    p.add_argument('--depth', default=32, type=int)
+    p.add_argument('--num_heads', default=16, type=int)
+    p.add_argument('--decoder_embed_dim', default=512, type=int)
+    p.add_argument('--decoder_depth', default=8, type=int)
+    p.add_argument('--decoder_num_heads', default=16, type=int)
+    p.add_argument('--mlp_ratio', default=4.0, type=float)
+    p.add_argument('--mask_ratio', default=0.5, type=float, help='fraction of each video\'s segments masked')
+    p.add_argument('--masking_strategy', action='store_true',
+                   help='semantic masking (ordered by cosine similarity to the previous segment) instead of random')
+    p.add_argument('--semantic_order', default='keep_changes', choices=SEMANTIC_ORDERS,
+                   help='with --masking_strategy: keep_changes keeps the change points (least similar to the '
+                        'previous segment) and masks the most redundant segments, as the released checkpoint '
+                        'was trained; mask_changes masks the change points, which is what the paper\'s text describes')
+    p.add_argument('--norm_pix_loss', action='store_true', help='per-token normalised targets (as MAE)')
+    p.add_argument('--cos_loss', action='store_true', help='1 - cosine similarity instead of MSE')
+
+    # optimizer
+    p.add_argument('--weight_decay', default=0.05, type=float)
+    p.add_argument('--lr', default=None, type=float, help='absolute learning rate (default: blr * global batch / 256)')
+    p.add_argument('--blr', default=1.5e-4, type=float, help='base learning rate')
+    p.add_argument('--min_lr', default=0.0, type=float, help='end of the cosine schedule')
+    p.add_argument('--warmup_epochs', default=40, type=int)
+    p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm to this value')
+    p.add_argument('--fp16', action='store_true', help='fp16 autocast with a GradScaler on GPU (default bf16)')
+
+    # data
+    p.add_argument('--data_path', default=['data'], nargs='+',
+                   help='dataset CSV(s), or folder(s) holding <dataset>.csv')
+    p.add_argument('--dataset', default='combined', help='CSV name looked up in a --data_path folder')
+    p.add_argument('--val_data_path', default=None, help='validation CSV (optional)')
+    p.add_argument('--segment_sec', default=5.0, type=float, help='segment length the embeddings were made with')
+    p.add_argument('--skip_bad', action='store_true',
+                   help='check every video at start; skip (and report) missing/unreadable/NaN/wrong-size ones')
+    p.add_argument('--num_workers', default=8, type=int)
+    p.add_argument('--pin_mem', action='store_true')
+
+    # run
+    p.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt')
+    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: --output_dir)')
+    p.add_argument('--save_every', default=10, type=int, help='checkpoint every N epochs (and at the end)')
+    p.add_argument('--eval_every', default=5, type=int, help='validation loss every N epochs (and at the end)')
+    p.add_argument('--print_freq', default=20, type=int, help='steps between log lines')
+    p.add_argument('--resume', default='', help='checkpoint to resume from')
+    p.add_argument('--no_auto_resume', action='store_true',
+                   help='do not resume from the newest checkpoint-*.pth in --output_dir')
+    p.add_argument('--start_epoch', default=0, type=int)
+    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--distributed', action='store_true',
+                   help='accepted for the original command line; torchrun\'s environment decides')
+    p.add_argument('--world_size', default=None, type=int,
+                   help='optional check: must equal the number of processes torchrun started')
+    return p
+
+
+def csv_paths(args):
+    paths = []
+    for p in args.data_path:
+        path = os.path.join(p, args.dataset + '.csv') if os.path.isdir(p) else p
+        if not os.path.isfile(path):
+            raise SystemExit(f'--data_path: {path} not found (give a CSV file or a folder holding {args.dataset}.csv)')
+        paths.append(path)
+    return paths
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norms and other 1-D parameters; frozen ones left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith('.bias') else decay).append(p)
+    return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
+
+
+def main(args):
+    misc.init_distributed_mode(args)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    print('args:', json.dumps(vars(args), default=str))
+
+    kw = dict(input_size=args.input_size, num_patches=args.num_patches, mask_ratio=args.mask_ratio,
+              segment_sec=args.segment_sec, seed=args.seed, skip_bad=args.skip_bad)
+    dataset_train = PretrainDataset(csv_paths(args), train=True, **kw)
+    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size, rank=args.rank,
+                                                  shuffle=True, seed=args.seed)
+    loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,
+                     collate_fn=collate_pretrain)
+    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kw)
+    if len(loader_train) == 0:
+        raise SystemExit(f'{len(dataset_train)} videos do not fill one step of batch_size {args.batch_size} '
+                         f'x {args.world_size} process(es)')
+    loader_val = None
+    if args.val_data_path:
+        dataset_val = PretrainDataset(args.val_data_path, train=False, **kw)
+        shard = torch.utils.data.Subset(dataset_val, range(args.rank, len(dataset_val), args.world_size))
+        loader_val = torch.utils.data.DataLoader(shard, shuffle=False, **loader_kw)
+    print(f'train: {len(dataset_train)} videos, {len(loader_train)} steps per epoch'
+          + (f'; val: {len(dataset_val)} videos' if loader_val else ''))
+
+    model = LVMAE(num_patches=args.num_patches, input_size=args.input_size, depth=args.depth,
+                  num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
+                  decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+                  mlp_ratio=args.mlp_ratio, norm_pix_loss=args.norm_pix_loss, cos_loss=args.cos_loss).to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'model: {n_parameters / 1e6:.2f}M trainable parameters')
+
+    eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f'global batch {eff_batch_size}, lr {args.lr:.3e} (blr {args.blr:.3e})')
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    if args.fp16 and device.type != 'cuda':
+        print('--fp16 is for GPUs; training in fp32 on CPU')
+    scaler = torch.amp.GradScaler('cuda', enabled=args.fp16 and device.type == 'cuda')
+    misc.resume(args, model_without_ddp, optimizer, scaler)
+
+    log_writer = None
+    if misc.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+
+    if args.start_epoch >= args.epochs:
+        print(f'nothing to do: epochs 0 to {args.start_epoch - 1} are done (raise --epochs to train longer)')
+    else:
+        print(f'training epochs {args.start_epoch} to {args.epochs - 1}')
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        dataset_train.set_epoch(epoch)
+        train_stats = train_one_epoch(model, loader_train, optimizer, device, epoch, scaler, args, log_writer)
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
+                     'n_parameters': n_parameters}
+        last = epoch + 1 == args.epochs
+        if loader_val is not None and ((epoch + 1) % args.eval_every == 0 or last):
+            log_stats['val_loss'] = evaluate(model_without_ddp, loader_val, device, args)
+            print(f'epoch {epoch}: validation loss {log_stats["val_loss"]:.5f}')
+            if log_writer is not None:
+                log_writer.add_scalar('val_loss', log_stats['val_loss'], epoch)
+        if misc.is_main_process():
+            log_writer.flush()
+            with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
+                f.write(json.dumps(log_stats) + '\n')
+        if (epoch + 1) % args.save_every == 0 or last:
+            misc.save_model(args, epoch, model_without_ddp, optimizer, scaler)
+
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    if log_writer is not None:
+        log_writer.close()
+    if misc.is_dist():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    main(args)

@@ -1,0 +1,154 @@
+"""Distributed set-up (torchrun), metric logging, checkpoint save and resume, in the style of MAE."""
+import datetime
+import glob
+import os
+import re
+import time
+from collections import defaultdict, deque
+
+import torch
+import torch.distributed as dist
+
+from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+
+
+# ---------------------------------------------------------------- distributed
+def init_distributed_mode(args):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process.
+    Sets ``args.rank``, ``args.world_size``, ``args.gpu``, ``args.distributed``; NCCL on GPU, Gloo on CPU."""
+    env_world = int(os.environ.get('WORLD_SIZE', 1))
+    if args.world_size is not None and args.world_size != env_world:
+        how = 'torchrun reports' if 'WORLD_SIZE' in os.environ else 'a plain python launch is'
+        raise SystemExit(f'--world_size {args.world_size} but {how} {env_world} process(es); launch with '
+                         f'torchrun --nproc_per_node N (times --nnodes) matching --world_size, or drop --world_size')
+    args.world_size = env_world
+    args.rank = int(os.environ.get('RANK', 0))
+    args.gpu = int(os.environ.get('LOCAL_RANK', 0))
+    args.distributed = 'RANK' in os.environ and env_world > 1
+    if args.device.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise SystemExit(f'--device {args.device} but CUDA is not available; use --device cpu')
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    if args.distributed:
+        backend = 'nccl' if args.device.startswith('cuda') else 'gloo'
+        dist.init_process_group(backend, init_method='env://', world_size=args.world_size, rank=args.rank)
+        dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def setup_for_distributed(is_master):
+    """Only the main process prints (``print(..., force=True)`` prints everywhere)."""
+    import builtins
+    builtin_print = builtins.__dict__.get('_lvmae_print', builtins.print)
+    builtins._lvmae_print = builtin_print
+
+    def print_fn(*args, **kwargs):
+        if is_master or kwargs.pop('force', False):
+            now = datetime.datetime.now().strftime('%H:%M:%S')
+            builtin_print(f'[{now}]', *args, **kwargs)
+    builtins.print = print_fn
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over processes (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_mean(value, device):
+    return all_reduce_sum([value], device)[0] / get_world_size()
+
+
+# ---------------------------------------------------------------- logging
+class MetricLogger:
+    """Running averages of scalars and a periodic line with samples/s and ETA."""
+
+    def __init__(self, window=20):
+        self.meters = defaultdict(lambda: deque(maxlen=window))
+        self.totals = defaultdict(lambda: [0.0, 0])
+
+    def update(self, **kwargs):
+        for k, v in kwargs.items():
+            self.meters[k].append(float(v))
+            self.totals[k][0] += float(v)
+            self.totals[k][1] += 1
+
+    def global_avg(self):
+        return {k: s / max(n, 1) for k, (s, n) in self.totals.items()}
+
+    def log_every(self, iterable, num_steps, print_freq, header, samples_per_step):
+        """Yield from ``iterable`` (at most ``num_steps`` items), printing every ``print_freq`` steps."""
+        start = last = time.time()
+        for i, obj in enumerate(iterable):
+            if i >= num_steps:
+                break
+            yield obj
+            if (i + 1) % print_freq == 0 or i + 1 == num_steps:
+                now = time.time()
+                steps = (i + 1) % print_freq or print_freq
+                speed = samples_per_step * steps / max(now - last, 1e-9)
+                eta = (now - start) / (i + 1) * (num_steps - i - 1)
+                vals = '  '.join(f'{k}: {sum(v) / len(v):.4g}' for k, v in self.meters.items())
+                print(f'{header} [{i + 1}/{num_steps}]  {vals}  samples/s: {speed:.1f}  '
+                      f'eta: {datetime.timedelta(seconds=int(eta))}')
+                last = now
+        print(f'{header} done in {datetime.timedelta(seconds=int(time.time() - start))}')
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_model(args, epoch, model_without_ddp, optimizer, scaler):
+    """``<output_dir>/checkpoint-<epoch>.pth`` as in MAE, written atomically by the main process."""
+    if is_main_process():
+        path = os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')
+        save_checkpoint(path, {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                               'epoch': epoch, 'scaler': scaler.state_dict(), 'args': args})
+        print(f'saved {path}')
+    if is_dist():
+        dist.barrier()
+
+
+def newest_checkpoint(output_dir):
+    """Path of ``checkpoint-<N>.pth`` with the largest N in ``output_dir`` (None if there is none)."""
+    found = []
+    for p in glob.glob(os.path.join(glob.escape(output_dir), 'checkpoint-*.pth')):
+        m = re.fullmatch(r'checkpoint-(\d+)\.pth', os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def resume(args, model_without_ddp, optimizer, scaler):
+    """Load ``--resume`` or, unless ``--no_auto_resume``, the newest checkpoint in ``--output_dir``;
+    sets ``args.start_epoch`` to the epoch after the checkpoint's."""
+    path = args.resume or (None if args.no_auto_resume else newest_checkpoint(args.output_dir))
+    if not path:
+        return
+    ckpt = load_checkpoint(path)
+    load_model_state(model_without_ddp, ckpt['model'], path)
+    if 'optimizer' in ckpt and 'epoch' in ckpt:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        args.start_epoch = ckpt['epoch'] + 1
+        print(f'resumed from {path}: continuing at epoch {args.start_epoch}')
+    else:
+        print(f'loaded model weights from {path} (no optimizer state: starting at epoch {args.start_epoch})')
