@@ -14,6 +14,7 @@ Dataset CSV: one row per video with ``video_id``, ``embedding_path`` (or ``segme
 resolved against the CSV's folder.
 """
 import ast
+import json
 import os
 import tempfile
 
@@ -22,10 +23,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from safetensors import safe_open
 
 EXTENSION = '.safetensors'
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class EmbeddingError(ValueError):
@@ -44,6 +47,7 @@ def atomic_write(path, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,7 +68,17 @@ def save_video_embeddings(path, embeddings, starts, ends, metadata=None, dtype=n
         raise ValueError(f'{path}: {emb.shape[0]} embeddings but {len(tensors["starts"])} starts / '
                          f'{len(tensors["ends"])} ends')
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: _save_sorted(tensors, tmp, meta))
+
+
+def _save_sorted(tensors, path, metadata):
+    """``safetensors`` save with the header's keys sorted: safetensors orders the metadata differently
+    on each call, so without this equal inputs would not give byte-identical files."""
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], 'little')
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(',', ':'), ensure_ascii=False).encode()
+    with open(path, 'wb') as f:
+        f.write(data[:8] + (header.ljust(n) if len(header) <= n else data[8:8 + n]) + data[8 + n:])
 
 
 def read_metadata(path):

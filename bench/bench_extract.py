@@ -1,0 +1,120 @@
+"""Extraction throughput: our default path (time windows of the long videos, each decoded once)
+against the original release's way (step 1 --reencode writes 5-second files, step 3 embeds them),
+with the same encoder, on generated videos. One JSON line per measurement.
+
+    python bench/bench_extract.py --quick                      # small, a minute on 2 CPU cores
+    python bench/bench_extract.py --num_videos 2 --minutes 3   # the README's figures
+    python bench/bench_extract.py --config huge --device cuda --dtype bf16 --batch_size 64 --skip_reencode
+
+Throughput counts steps 1 + 3 (probe or re-encode, then embed); model loading is not counted.
+"""
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import langbind_preprocessing  # noqa: E402
+import prepare_paired_paths  # noqa: E402
+import segment_video_library_movie_clip as step1  # noqa: E402
+from util.langbind import RANDOM_CONFIGS, load_encoder  # noqa: E402
+from util.synthetic import color_frames, write_video  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Extraction throughput benchmark', add_help=True)
+    parser.add_argument('--num_videos', default=2, type=int)
+    parser.add_argument('--minutes', default=3.0, type=float, help='length of each generated video')
+    parser.add_argument('--width', default=640, type=int)
+    parser.add_argument('--height', default=360, type=int)
+    parser.add_argument('--fps', default=30, type=int)
+    parser.add_argument('--config', default='tiny', choices=sorted(RANDOM_CONFIGS), help='random encoder size')
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--dtype', default='bf16', choices=['fp32', 'bf16', 'fp16'])
+    parser.add_argument('--batch_size', default=16, type=int)
+    parser.add_argument('--num_workers', default=2, type=int, help='decoding workers (step 3) and step 1 processes')
+    parser.add_argument('--skip_reencode', action='store_true', help='time the default path only')
+    parser.add_argument('--quick', action='store_true', help='1 video of 1 minute at 320x180')
+    parser.add_argument('--work_dir', default=None, help='keep generated videos and outputs here (default: temp)')
+    return parser
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def run_path(name, video_dir, work, args):
+    """Steps 1-3 for one way; returns (seconds of step 1, seconds of step 3, segments)."""
+    seg_dir, emb_dir = os.path.join(work, name, 'segments'), os.path.join(work, name, 'embeddings')
+    shutil.rmtree(os.path.join(work, name), ignore_errors=True)
+    t = time.time()
+    step1.main(step1.get_args_parser().parse_args(
+        ['--video_dir', video_dir, '--out_dir', seg_dir, '--num_workers', str(args.num_workers)]
+        + (['--reencode'] if name == 'reencode' else [])))
+    t1 = time.time() - t
+    csv = os.path.join(seg_dir, 'segments_metadata.csv')
+    prepare_paired_paths.main(prepare_paired_paths.get_args_parser().parse_args(
+        ['--segments_csv', csv, '--embedding_dir', emb_dir]))
+    summary = langbind_preprocessing.main(langbind_preprocessing.get_args_parser().parse_args(
+        ['--video_path_file', os.path.join(seg_dir, 'paired_paths.json'), '--random_init', args.config,
+         '--batch_size', str(args.batch_size), '--device', args.device, '--dtype', args.dtype,
+         '--num_workers', str(args.num_workers)]))
+    return t1, summary['seconds'], summary['segments']
+
+
+@torch.no_grad()
+def encoder_only(args, common):
+    """Forward passes alone (random input): the ceiling the decoding has to keep up with."""
+    device = langbind_preprocessing.pick_device(args.device, 0)
+    dtype = langbind_preprocessing.DTYPES[args.dtype]
+    encoder = load_encoder(random_init=args.config).to(device)
+    x = list(torch.randn(args.batch_size, 8, 3, 224, 224).transpose(1, 2))
+    langbind_preprocessing.embed(encoder, x, args.batch_size, device, dtype)  # warm-up
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    n, t = 3, time.time()
+    for _ in range(n):
+        langbind_preprocessing.embed(encoder, x, args.batch_size, device, dtype)
+    seconds = time.time() - t
+    emit(measure='encoder_only', segments_per_s=round(n * args.batch_size / seconds, 2), **common)
+
+
+def main(args):
+    if args.quick:
+        args.num_videos, args.minutes, args.width, args.height = 1, 1.0, 320, 180
+    work = args.work_dir or tempfile.mkdtemp(prefix='bench_extract_')
+    video_dir = os.path.join(work, 'videos')
+    os.makedirs(video_dir, exist_ok=True)
+    for i in range(args.num_videos):
+        path = os.path.join(video_dir, f'video{i}.mp4')
+        if not os.path.isfile(path):
+            write_video(path, color_frames(args.minutes * 60, args.fps, (args.width, args.height), seed=i),
+                        fps=args.fps)
+    video_minutes = args.num_videos * args.minutes
+    common = dict(config=args.config, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                  num_workers=args.num_workers, video=f'{args.width}x{args.height}@{args.fps}',
+                  video_minutes=video_minutes, cpus=os.cpu_count(), random_init=True)
+    encoder_only(args, common)
+    totals = {}
+    for name in ['default'] + ([] if args.skip_reencode else ['reencode']):
+        with contextlib.redirect_stdout(sys.stderr):  # the steps' logs; stdout has the JSON lines only
+            t1, t3, segments = run_path(name, video_dir, work, args)
+        totals[name] = t1 + t3
+        emit(measure='extract', path=name, segments=segments, step1_s=round(t1, 2), step3_s=round(t3, 2),
+             total_s=round(t1 + t3, 2), segments_per_s=round(segments / (t1 + t3), 2),
+             video_minutes_per_min=round(video_minutes / ((t1 + t3) / 60), 2), **common)
+    if 'reencode' in totals:
+        emit(measure='speedup_default_vs_reencode', speedup=round(totals['reencode'] / totals['default'], 2),
+             **common)
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

@@ -1,0 +1,125 @@
+"""Frames for LanguageBind video: which frames, fast decoding, and the deterministic transform.
+
+Frame choice (as LanguageBind's decord path, ``np.linspace(0, n - 1, 8, dtype=int)``): the 8 frames
+spread evenly from the first to the last frame of a segment. A segment of a long video is a time
+window ``[start, end)``; its frames are those whose presentation time, counted from the video's
+first frame, lies in the window (the rule step 1 uses to cut ``--reencode`` files). A segment file
+is a window holding all of its frames.
+
+Each video is read twice: its packets (no decoding) to learn every frame's timestamp, then one
+sequential decode in which only the chosen frames are converted to RGB and shrunk at once.
+
+Transform (LanguageBind's, without its random flip): uint8 / 255, normalise with the OpenAI CLIP
+mean/std, resize the short side to 224 (bilinear), centre crop 224. Resizing and normalising are
+both linear, so they are swapped here (normalise the small crop, not the full frame); the result
+equals LanguageBind's to float rounding.
+"""
+import math
+from collections import defaultdict
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NUM_FRAMES = 8
+SIZE = 224
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DecodeError(RuntimeError):
+    """A video (or one of its segments) could not be decoded; the message names file and segment."""
+
+
+def frame_indices(n, num=NUM_FRAMES):
+    """Positions of the ``num`` frames kept out of ``n`` (LanguageBind's linspace rule)."""
+    return np.linspace(0, n - 1, num, dtype=int)
+
+
+def transform(frames):
+    """``[T, H, W, 3]`` uint8 frames -> ``[3, T, 224, 224]`` float32 model input."""
+    x = torch.as_tensor(frames).float().permute(0, 3, 1, 2)  # channels-last memory: fast resize kernel
+    h, w = x.shape[-2:]
+    size = (int(math.floor(h / w * SIZE)), SIZE) if w < h else (SIZE, int(math.floor(w / h * SIZE)))
+    x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+    i, j = int(round((size[0] - SIZE) / 2.0)), int(round((size[1] - SIZE) / 2.0))
+    x = x[:, :, i:i + SIZE, j:j + SIZE]
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(STD).view(1, 3, 1, 1) * 255)
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def _frame_keys(container, stream, rate):
+    """Keys of all frames in presentation order, their times (s from the first frame), and whether
+    the keys are timestamps (else decode positions, for containers without timestamps)."""
+    pts = [p.pts for p in container.demux(stream) if p.size]
+    if pts and None not in pts:
+        pts.sort()
+        return pts, [float((p - pts[0]) * stream.time_base) for p in pts], True
+    return list(range(len(pts))), [i / rate for i in range(len(pts))], False
+
+
+def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1):
+    """Yield ``(k, [3, num, 224, 224])`` for each window ``k`` of ``windows`` (``[(start, end)]`` in
+    seconds; ``None``: the whole file is one segment), in order, opening ``path`` once and decoding it
+    once (``threads`` FFmpeg threads). Each is a view of ``[num, 3, 224, 224]`` memory, the layout
+    the model reshapes to. Raises DecodeError naming the file and the segment it stopped at."""
+    def where(k):
+        return f'{path}: segment {k} [{windows[k][0]:g}-{windows[k][1]:g} s]' if windows else path
+
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError) as e:
+        raise DecodeError(f'{path}: cannot open ({e})') from None
+    with container:
+        if not container.streams.video:
+            raise DecodeError(f'{path}: no video stream')
+        stream = container.streams.video[0]
+        try:
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            keys, times, by_pts = _frame_keys(container, stream, rate)
+        except av.FFmpegError as e:
+            raise DecodeError(f'{path}: read error ({e})') from None
+        if not keys:
+            raise DecodeError(f'{path}: no frames')
+        spans = [(0, len(keys))] if windows is None else [
+            (int(np.searchsorted(times, s)), int(np.searchsorted(times, e))) for s, e in windows]
+        wanted = defaultdict(list)  # frame key -> the (segment, slot) places it fills
+        for k, (a, b) in enumerate(spans):
+            if windows and windows[k][1] > times[-1] + max(2 / rate, 0.1):
+                raise DecodeError(f'{where(k)}: the frames end at {times[-1]:.2f} s (truncated or damaged file)')
+            if b <= a:
+                raise DecodeError(f'{where(k)}: no frame in this window')
+            for slot, i in enumerate(frame_indices(b - a, num)):
+                wanted[keys[a + i]].append((k, slot))
+        todo = sorted(wanted)  # kept frames in presentation order
+        buffers = [None] * len(spans)  # [num, 3, 224, 224] each: frames contiguous, as the model reads them
+        missing = [num] * len(spans)
+        done = nxt = 0
+        try:
+            container.seek(0)
+            if threads > 1:
+                stream.thread_type, stream.codec_context.thread_count = 'AUTO', threads
+            for pos, frame in enumerate(container.decode(stream)):
+                key = frame.pts if by_pts else pos
+                if key is None:
+                    continue
+                x = None
+                while nxt < len(todo) and todo[nxt] <= key:  # < key: the decoder dropped it, take the next
+                    if x is None:
+                        x = transform(frame.to_ndarray(format='rgb24')[None])[:, 0]
+                    for k, slot in wanted[todo[nxt]]:
+                        if buffers[k] is None:
+                            buffers[k] = torch.empty(num, 3, SIZE, SIZE)
+                        buffers[k][slot] = x
+                        missing[k] -= 1
+                    nxt += 1
+                while done < len(spans) and missing[done] == 0:
+                    yield done, buffers[done].transpose(0, 1)
+                    buffers[done] = None
+                    done += 1
+                if done == len(spans):
+                    return
+        except av.FFmpegError as e:
+            raise DecodeError(f'{where(done)}: decode error ({e})') from None
+        raise DecodeError(f'{where(done)}: video data ends before all its frames were decoded')
