@@ -147,7 +147,7 @@ def main(args):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=True)
     if args.fp16 and device.type != 'cuda':
         print('--fp16 is for GPUs; training in fp32 on CPU')
     scaler = torch.amp.GradScaler('cuda', enabled=args.fp16 and device.type == 'cuda')
