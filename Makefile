@@ -27,3 +27,8 @@ test: $(STAMP)
 
 clean-env:
 	rm -rf $(VENV)
+
+DEMO_ARGS ?=
+
+demo: $(STAMP)
+	$(PY) tools/demo.py $(DEMO_ARGS)
