@@ -17,8 +17,9 @@ model weights and the same batches:
                padding excluded only by the attention mask, and the decoder's sequence restored video
                by video in Python. Its per-video masking is done before the step, as its data loader did.
 All modes draw the same masks (the same noise; semantic masking is deterministic), so their first-step
-losses must agree: ``loss_diff`` reports the difference from ours. Attention in the original mode goes
-through our blocks (scaled_dot_product_attention); the release computed it explicitly, which is slower.
+losses must agree: ``loss_diff`` reports the difference from ours. Attention in the original mode is
+computed explicitly (``q @ k^T``, masked_fill, softmax, ``@ v``) as the release's own Attention module did,
+with the same weights.
 """
 import argparse
 import json
@@ -139,6 +140,18 @@ def original_inputs(x, lengths, noise, mask_ratio, semantic=False):
                 mask=mask, target=x, lengths=lengths.cpu())
 
 
+def original_block(blk, x, attend):
+    """One of ``model``'s timm blocks computed as the original release's Block: attention written out
+    (scores materialised, padding filled with -inf), same weights. ``attend [B, N]``: True = real key."""
+    a = blk.attn
+    B, N, C = x.shape
+    q, k, v = a.qkv(blk.norm1(x)).reshape(B, N, 3, a.num_heads, C // a.num_heads).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-2, -1)) * a.scale
+    scores = scores.masked_fill(~attend[:, None, None, :], float('-inf')).softmax(dim=-1)
+    x = x + a.proj((scores @ v).transpose(1, 2).reshape(B, N, C))
+    return x + blk.mlp(blk.norm2(x))
+
+
 def original_forward(model, inp):
     """``loss, pred, mask`` computed the way the original release's model did, with ``model``'s weights."""
     vis, n_vis, lengths = inp['vis'], inp['n_vis'], inp['lengths']
@@ -153,9 +166,9 @@ def original_forward(model, inp):
         pos.append(torch.cat([p, p.new_zeros(N - L, p.shape[1])]))
     x = x + torch.stack(pos)
     x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(B, -1, -1), x], dim=1)
-    attn_mask = (slots <= n_vis.to(vis.device)[:, None])[:, None, None, :]   # CLS + visible tokens
+    attend = slots <= n_vis.to(vis.device)[:, None]   # CLS + visible tokens
     for blk in model.blocks:
-        x = blk(x, attn_mask=attn_mask)
+        x = original_block(blk, x, attend)
     y = model.decoder_embed(model.norm(x))
     # decoder: restore each video's sequence in a Python loop, then pad it back to N + 1
     rows = []
@@ -166,9 +179,9 @@ def original_forward(model, inp):
         row = torch.cat([y[i, :1], full]) + model.decoder_pos_embed[0, :L + 1]
         rows.append(torch.cat([row, row.new_zeros(N - L, row.shape[1])]))
     z = torch.stack(rows)
-    attn_mask = (slots <= lengths.to(vis.device)[:, None])[:, None, None, :]
+    attend = slots <= lengths.to(vis.device)[:, None]
     for blk in model.decoder_blocks:
-        z = blk(z, attn_mask=attn_mask)
+        z = original_block(blk, z, attend)
     pred = model.decoder_pred(model.decoder_norm(z))[:, 1:]
     # the release averaged over all masked tokens of the batch; ours averages per video first. The
     # bench uses ours for both so that the losses are comparable (the cost is the same).
