@@ -10,8 +10,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)   # the top-level scripts
-import main_pretrain  # noqa: E402
+import main_pretrain
 import models_lvmae
 import util.misc as misc
 from util.checkpoint import load_checkpoint
