@@ -7,7 +7,8 @@
 PYTHON ?= python3
 VENV ?= $(HOME)/.cache/lv-mae/venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.lv-mae-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-16)
+# the stamp names the requirements and this checkout (the project is installed editable from it)
+STAMP := $(VENV)/.lv-mae-$(shell (cat requirements.txt pyproject.toml; echo '$(CURDIR)') | sha1sum | cut -c1-16)
 PYTEST_ARGS ?=
 
 .PHONY: env test demo bench clean-env
