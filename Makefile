@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lv-mae-$(shell (cat requirements.txt pyproject.toml; echo '$(CURDIR)') | sha1sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: env test demo bench clean-env
+.PHONY: env test demo clean-env
 
 env: $(STAMP)
 
