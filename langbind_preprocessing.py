@@ -49,6 +49,11 @@ def get_args_parser():
     return parser
 
 
+def num_cpus():
+    """Cores this process may use (os.sched_getaffinity is Linux-only)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def job_segments(job, threads=1):
     """``(segment index, [3, 8, 224, 224])`` of one job: segments with a ``path`` from that file
     (the original release's re-encoded layout), the others from the long video, decoded once."""
@@ -75,7 +80,7 @@ class SegmentFrames(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        threads = max(1, len(os.sched_getaffinity(0)) // nw)  # FFmpeg threads: the workers share the cores
+        threads = max(1, num_cpus() // nw)  # FFmpeg threads: the workers share the cores
         for j in range(wid, len(self.jobs), nw):
             index, pixels = [], []
             try:
@@ -152,7 +157,7 @@ def main(args):
     torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == 'cpu':
         if args.num_workers:  # leave the decoding workers their cores
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - args.num_workers))
+            torch.set_num_threads(max(1, num_cpus() - args.num_workers))
     else:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS
         torch.cuda.set_device(device)

@@ -120,7 +120,7 @@ def read_lvu_split(path, task):
     """One LVU split file: space-separated, one header line, youtube id = ``line.split()[-2]``.
     Classification lines are ``class_id class_name youtube_id imdb_id`` (the name may hold spaces)."""
     rows = []
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig') as f:
         lines = f.read().splitlines()
     for n, line in enumerate(lines[1:], start=2):
         fields = line.split()
@@ -187,7 +187,7 @@ def read_breakfast_split(path):
     if not os.path.isfile(path):
         raise AnnotationError(f'{path}: split file not found')
     rows = []
-    with open(path, newline='', encoding='utf-8') as f:
+    with open(path, newline='', encoding='utf-8-sig') as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if not {'file_name', 'action', 'class_id'} <= set(header):
@@ -212,7 +212,7 @@ def read_breakfast_split(path):
 def read_coin(path):
     """COIN.json -> (training rows, testing rows, class names); label = recipe_type."""
     try:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:
             database = json.load(f)['database']
     except FileNotFoundError:
         raise AnnotationError(f'{path}: file not found') from None

@@ -4,6 +4,7 @@ Prints one JSON line per measurement (video-minutes handled per wall-clock minut
     python bench/bench_segment.py [--quick] [--num_videos 8] [--seconds 120] [--fps 25] [--size 320 240]
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -38,7 +39,8 @@ def main():
             argv = ['--video_dir', video_dir, '--out_dir', os.path.join(tmp, mode),
                     '--num_workers', str(args.num_workers), *extra]
             t0 = time.perf_counter()
-            segments, _ = step1.main(step1.get_args_parser().parse_args(argv))
+            with contextlib.redirect_stdout(sys.stderr):  # the step's log; stdout has the JSON lines only
+                segments, _ = step1.main(step1.get_args_parser().parse_args(argv))
             sec = time.perf_counter() - t0
             print(json.dumps({'bench': 'segment', 'mode': mode, 'videos': args.num_videos,
                               'video_seconds': args.seconds, 'fps': args.fps, 'size': args.size,

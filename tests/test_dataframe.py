@@ -177,8 +177,9 @@ def test_breakfast(tmp_path):
     train = [(f'P{p:02d}-cam01-P{p:02d}_{names[c]}', c) for p in range(3, 23) for c in (0, 1)]
     train.append(('P03-cam01-P03_tea', 2))
     test = [(f'P{p:02d}-webcam01-P{p:02d}_{names[c]}', c) for p in range(40, 44) for c in (0, 2)]
-    for split, rows in (('train', train), ('test', test)):
-        write(tmp_path / 'ann' / f'{split}.csv', 'file_name,duration,action,class_id\n' + ''.join(
+    for split, rows in (('train', train), ('test', test)):  # train saved with a byte-order mark, as Excel does
+        bom = '\ufeff' * (split == 'train')
+        write(tmp_path / 'ann' / f'{split}.csv', bom + 'file_name,duration,action,class_id\n' + ''.join(
             f'{v},56,{names[c]},{c}\n' for v, c in rows))
     make_store(tmp_path / 'store', [v for v, _ in train + test][1:])  # first training video has no embedding
     common = ['--dataset', 'breakfast', '--annotation_dir', tmp_path / 'ann', '--embedding_dir', tmp_path / 'store',

@@ -70,6 +70,7 @@ def test_segment_windows():
     assert segment_windows(3.0) == [(0.0, 3.0)]
     assert segment_windows(0.5) == []
     assert segment_windows(7.0, segment_sec=2.5) == [(0.0, 2.5), (2.5, 5.0), (5.0, 7.0)]
+    assert segment_windows(10.0000001, min_last_sec=0) == [(0.0, 5.0), (5.0, 10.0)]  # no empty window
 
 
 def test_probe(library):
@@ -257,3 +258,59 @@ def test_malformed_segments_csv(tmp_path, edit, message):
     with pytest.raises(SystemExit, match=message) as e:
         run_step2('--segments_csv', csv, '--embedding_dir', tmp_path / 'emb')
     assert str(csv) in str(e.value)
+
+
+def _with_audio(path, video_sec, audio_sec, fps=10):
+    """A video whose first stream is audio (silence), which may run longer than the video."""
+    with av.open(str(path), 'w') as c:
+        audio = c.add_stream('aac', rate=16000)
+        video = c.add_stream('libx264', rate=fps)
+        video.width, video.height, video.pix_fmt = 64, 48, 'yuv420p'
+        for f in color_frames(video_sec, fps=fps):
+            for p in video.encode(av.VideoFrame.from_ndarray(f, format='rgb24')):
+                c.mux(p)
+        for p in video.encode():
+            c.mux(p)
+        for k in range(0, int(audio_sec * 16000), 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format='fltp', layout='mono')
+            frame.sample_rate, frame.pts = 16000, k
+            for p in audio.encode(frame):
+                c.mux(p)
+        for p in audio.encode():
+            c.mux(p)
+
+
+def test_audio_stream_first_and_longer_than_video(tmp_path):
+    """The video stream's own length counts: audio running 4 s longer is no truncation; a Matroska file
+    cut in half (audio and video) is."""
+    _with_audio(tmp_path / 'a.mp4', 8, 12)
+    info = probe_video(str(tmp_path / 'a.mp4'))
+    assert (info.num_frames, info.duration) == (80, pytest.approx(8.0))
+    _with_audio(tmp_path / 'b.mkv', 12, 12)
+    assert probe_video(str(tmp_path / 'b.mkv')).duration == pytest.approx(12.0)
+    data = (tmp_path / 'b.mkv').read_bytes()
+    (tmp_path / 'b.mkv').write_bytes(data[:len(data) // 2])
+    with pytest.raises(VideoError, match='truncated'):
+        probe_video(str(tmp_path / 'b.mkv'))
+
+
+def test_avi_with_dropped_frames_is_not_truncated(tmp_path):
+    """AVI stores a dropped frame as an empty chunk: counted in the header, never demuxed."""
+    path = str(tmp_path / 'drop.avi')
+    with av.open(path, 'w') as c:
+        s = c.add_stream('mpeg4', rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, 'yuv420p'
+        for i, f in enumerate(color_frames(12)):
+            if i % 10 == 5:
+                p = av.Packet(b'')
+                p.stream, p.pts, p.dts, p.time_base = s, i, i, s.time_base
+                c.mux(p)
+                continue
+            frame = av.VideoFrame.from_ndarray(f, format='rgb24')
+            frame.pts = i
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    info = probe_video(path)
+    assert (info.num_frames, info.duration) == (108, pytest.approx(12.0))

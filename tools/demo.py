@@ -23,8 +23,8 @@ import time
 
 import pandas as pd
 
-from make_demo_data import TASKS  # tools/ is this script's folder
-from util.embeddings import atomic_write, load_video_embeddings, read_metadata
+from make_demo_data import TASKS, write_text  # tools/ is this script's folder
+from util.embeddings import load_video_embeddings, read_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # generator, pretraining and probe settings of each size
@@ -78,13 +78,6 @@ def run(name, script, *args):
     print(f'--- {name}: done in {time.time() - start:.1f} s', flush=True)
 
 
-def write(path, text):
-    def to(tmp):
-        with open(tmp, 'w') as f:
-            f.write(text)
-    atomic_write(path, to)
-
-
 def fresh(folder, inputs):
     """Clear ``folder`` unless it was made from ``inputs`` (recorded in demo_inputs.json); record them."""
     record = os.path.join(folder, 'demo_inputs.json')
@@ -97,7 +90,7 @@ def fresh(folder, inputs):
         print(f'{folder}: made from other inputs, cleared', flush=True)
         shutil.rmtree(folder)
     os.makedirs(folder)
-    write(record, text)
+    write_text(record, text)
 
 
 def is_newer(path, inputs):
@@ -220,8 +213,8 @@ def main(args):
                'date': str(datetime.date.today()), 'wall_time_s': round(time.time() - start, 1),
                'tasks': {t: probe_row(t, results, d['csv']) for t in tasks}, 'artefacts': artefacts}
     md = results_table(summary)
-    write(os.path.join(out, 'demo_results.md'), md)
-    write(os.path.join(out, 'demo_results.json'), json.dumps(summary, indent=1) + '\n')
+    write_text(os.path.join(out, 'demo_results.md'), md)
+    write_text(os.path.join(out, 'demo_results.json'), json.dumps(summary, indent=1) + '\n')
     if random_encoder:
         banner(RANDOM_NOTE)
     print('\n' + md)

@@ -72,8 +72,6 @@ def _probe(container):
         raise VideoError('video stream has no frames')
     if not decoded:
         raise VideoError(f'no frame of its {n} could be decoded')
-    if stream.frames and n < stream.frames:
-        raise VideoError(f'truncated: header says {stream.frames} frames, only {n} found')
     if first is None or not tb or end <= first:
         if not rate:
             raise VideoError('no timestamps and no frame rate: duration unknown')
@@ -82,12 +80,35 @@ def _probe(container):
         duration = float((end - first) * tb)
         if rate and abs(duration - n / rate) < 0.5 / rate:  # constant rate: undo timestamp rounding
             duration = float(n / rate)
-    if container.duration:
-        stated = container.duration / av.time_base
-        if duration < stated - max(2.0, 0.1 * stated):
-            raise VideoError(f'truncated: video data ends at {duration:.2f} s, file says {stated:.2f} s')
+    # Truncation: the data ends before the header's end time. With fewer frames than the header's count
+    # the end times must agree to a frame (AVI counts dropped frames, stored as empty chunks never demuxed).
+    stated, short = _stated_end(container, stream), n < (stream.frames or 0)
+    if stated is not None and end is not None and tb:
+        ends = float(end * tb)
+        if ends < stated - (1.5 / float(rate) if short and rate else max(2.0, 0.1 * duration)):
+            raise VideoError(f'truncated: video data ends at {ends:.2f} s, file says {stated:.2f} s'
+                             + (f' ({n} of its {stream.frames} frames found)' if short else ''))
+    elif short:
+        raise VideoError(f'truncated: header says {stream.frames} frames, only {n} found')
     fps = float(rate) if rate else n / duration
     return VideoInfo(num_frames=n, fps=fps, duration=duration, width=stream.width, height=stream.height)
+
+
+def _stated_end(container, stream):
+    """End time (s) the header gives the video stream, or None. The container's duration covers every
+    stream (audio may run longer than the video), so it is used only for files with one stream."""
+    if stream.duration and stream.time_base:
+        return float(((stream.start_time or 0) + stream.duration) * stream.time_base)
+    tag = stream.metadata.get('DURATION')  # Matroska / WebM: HH:MM:SS.nnnnnnnnn
+    if tag:
+        try:
+            h, m, sec = tag.split(':')
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            return None
+    if container.duration and len(container.streams) == 1:
+        return ((container.start_time or 0) + container.duration) / av.time_base
+    return None
 
 
 def segment_windows(duration, segment_sec=5.0, min_last_sec=1.0):
@@ -96,7 +117,7 @@ def segment_windows(duration, segment_sec=5.0, min_last_sec=1.0):
     windows, k = [], 0
     while k * segment_sec < duration:
         start, end = round(k * segment_sec, 6), round(min((k + 1) * segment_sec, duration), 6)
-        if end - start >= min_last_sec:
+        if end > start and end - start >= min_last_sec:  # rounding can leave an empty last window
             windows.append((start, end))
         k += 1
     return windows
