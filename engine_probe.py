@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block
 from torch.utils.tensorboard import SummaryWriter
 
 from models_lvmae import LVMAE
-from util.checkpoint import checkpoint_args, load_checkpoint, load_model_state
+from util.checkpoint import checkpoint_args, load_checkpoint, load_model_state, model_state
 from util.embeddings import EmbeddingError, atomic_write, load_row, read_csv, read_metadata
 from util.tasks import COLUMN_NAMES, GROUPS, LVU_CLASSIFICATION, expand_tasks, get_task
 
@@ -103,8 +103,7 @@ def load_encoder(args):
     """Frozen LV-MAE from ``args.resume``; fills the architecture flags of ``args`` (explicit flags
     that contradict the checkpoint are an error)."""
     ckpt = load_checkpoint(args.resume)
-    sd = ckpt.get('model', ckpt)
-    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    sd = model_state(ckpt)
     ckpt_args = checkpoint_args(ckpt)
     for k, v in _checkpoint_arch(ckpt_args, sd).items():
         if getattr(args, k) is None:

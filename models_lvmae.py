@@ -217,7 +217,3 @@ def lvmae_paper(**kwargs):
     cfg.update(kwargs)
     return LVMAE(**cfg)
 
-
-def lvmae_langbind_base(**kwargs):
-    """For the 768-d ``LanguageBind_Video_FT`` embeddings (12 heads of 64)."""
-    return lvmae_paper(**{'input_size': 768, 'num_heads': 12, **kwargs})

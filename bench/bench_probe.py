@@ -13,13 +13,16 @@ run, and the speed-up. On a CPU, reduce ``--depth`` and measure the uncached run
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
-import engine_probe as ep
-from models_lvmae import LVMAE
-from util.tasks import Task
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine_probe as ep  # noqa: E402
+from models_lvmae import LVMAE  # noqa: E402
+from util.tasks import Task  # noqa: E402
 
 
 def synthetic_split(n, args, gen):

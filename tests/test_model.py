@@ -176,3 +176,19 @@ def test_too_long_is_an_error():
     x, n = batch([9])
     with pytest.raises(ValueError, match='longer than num_patches=8'):
         model(x, n)
+
+
+class _Opaque:   # an object that weights-only loading refuses
+    pass
+
+
+def test_checkpoint_with_other_objects_loads_with_a_warning(tmp_path, capsys):
+    model = tiny()
+    path = tmp_path / 'original.pth'
+    save_checkpoint(path, {'model': model.state_dict(), 'args': argparse.Namespace(extra=_Opaque())})
+    ckpt = load_checkpoint(path)
+    assert 'full unpickling' in capsys.readouterr().out
+    assert torch.equal(ckpt['model']['cls_token'], model.cls_token)
+    (tmp_path / 'bad.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(RuntimeError, match='bad.pth: unreadable checkpoint'):
+        load_checkpoint(tmp_path / 'bad.pth')

@@ -89,13 +89,13 @@ def data(tmp_path_factory):
     write_task(root, 'holes', {s: [mix_video(0), mix_video(1)] for s in ep.SPLITS}, 4)
     os.remove(embedding_path(os.path.join(root, 'embeddings'), 'holes_val_1'))
 
-    # an encoder that adds positions, saved in the original release's layout (args = Namespace;
-    # its decoder differs from our defaults and is ignored)
+    # an encoder that adds positions, saved in the original release's layout (args = Namespace, names
+    # of a DistributedDataParallel-wrapped model; its decoder differs from our defaults and is ignored)
     torch.manual_seed(0)
     enc = LVMAE(num_patches=16, input_size=D, depth=1, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
                 decoder_num_heads=2)
     ckpt = os.path.join(root, 'release.pth')
-    torch.save({'model': enc.state_dict(), 'args': argparse.Namespace(
+    torch.save({'model': {'module.' + k: v for k, v in enc.state_dict().items()}, 'args': argparse.Namespace(
         input_size=D, num_patches=16, depth=1, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
         decoder_num_heads=2, mask_ratio=0.5)}, ckpt)
     ours = os.path.join(root, 'checkpoint-0.pth')  # our layout, no args: architecture from the shapes

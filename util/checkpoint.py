@@ -1,9 +1,11 @@
 """Checkpoint files as in MAE: ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}``, written atomically.
 
 Checkpoints of the original LV-MAE release load too: same parameter names, and ``args`` may be an
-``argparse.Namespace`` (allowed explicitly, so loading stays ``weights_only``).
+``argparse.Namespace`` (allowed explicitly, so loading stays ``weights_only``; a file holding other
+Python objects is loaded with full unpickling after a warning).
 """
 import argparse
+import pickle
 
 import torch
 
@@ -20,11 +22,24 @@ def load_checkpoint(path):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f'{path}: checkpoint not found') from None
+    except pickle.UnpicklingError as e:
+        # e.g. an ``args`` holding some other Python object: the file is readable, but only by full
+        # unpickling, which can run code from the file. Checkpoints are the user's own files.
+        print(f'warning: {path} holds objects other than tensors and argparse args '
+              f'({str(e).splitlines()[0]}); loading it with full unpickling: use only checkpoints you trust')
+        ckpt = _load_full(path)
     except Exception as e:
         raise RuntimeError(f'{path}: unreadable checkpoint ({type(e).__name__}: {e})') from None
     if not isinstance(ckpt, dict):
         raise RuntimeError(f'{path}: checkpoint is a {type(ckpt).__name__}, expected a dict')
     return ckpt
+
+
+def _load_full(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f'{path}: unreadable checkpoint ({type(e).__name__}: {e})') from None
 
 
 def checkpoint_args(ckpt):
@@ -33,6 +48,13 @@ def checkpoint_args(ckpt):
     if args is None:
         return {}
     return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+
+
+def model_state(ckpt):
+    """The model's state dict in a checkpoint (``ckpt['model']``, or the file itself when it is a bare
+    state dict), without the ``module.`` prefix of a DistributedDataParallel-wrapped model."""
+    sd = ckpt.get('model', ckpt)
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
 
 
 def load_model_state(model, state_dict, path, strict=True, ignore_prefixes=()):

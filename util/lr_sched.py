@@ -13,5 +13,5 @@ def lr_at(epoch, args):
 def adjust_learning_rate(optimizer, epoch, args):
     lr = lr_at(epoch, args)
     for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
+        group['lr'] = lr
     return lr

@@ -9,7 +9,7 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from util.checkpoint import load_checkpoint, load_model_state, model_state, save_checkpoint
 
 
 # ---------------------------------------------------------------- distributed
@@ -23,8 +23,9 @@ def init_distributed_mode(args):
                          f'torchrun --nproc_per_node N (times --nnodes) matching --world_size, or drop --world_size')
     args.world_size = env_world
     args.rank = int(os.environ.get('RANK', 0))
-    args.gpu = int(os.environ.get('LOCAL_RANK', 0))
     args.distributed = 'RANK' in os.environ and env_world > 1
+    # under torchrun each process takes the GPU of its LOCAL_RANK; one process keeps --device's index
+    args.gpu = int(os.environ['LOCAL_RANK']) if 'LOCAL_RANK' in os.environ else torch.device(args.device).index or 0
     if args.device.startswith('cuda'):
         if not torch.cuda.is_available():
             raise SystemExit(f'--device {args.device} but CUDA is not available; use --device cpu')
@@ -140,10 +141,14 @@ def resume(args, model_without_ddp, optimizer, scaler):
     """Load ``--resume`` or, unless ``--no_auto_resume``, the newest checkpoint in ``--output_dir``;
     sets ``args.start_epoch`` to the epoch after the checkpoint's."""
     path = args.resume or (None if args.no_auto_resume else newest_checkpoint(args.output_dir))
+    if is_dist():   # every process resumes from rank 0's choice (its folder may be the only one written to)
+        choice = [path]
+        dist.broadcast_object_list(choice, src=0)
+        path = choice[0]
     if not path:
         return
     ckpt = load_checkpoint(path)
-    load_model_state(model_without_ddp, ckpt['model'], path)
+    load_model_state(model_without_ddp, model_state(ckpt), path)
     if 'optimizer' in ckpt and 'epoch' in ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
         if ckpt.get('scaler'):
