@@ -29,7 +29,9 @@ def get_args_parser():
     p.add_argument('--max_steps_per_epoch', default=None, type=int, help='cap on steps per epoch (tests, benchmarks)')
 
     # model
-    p.add_argument('--input_size', default=1024, type=int, help='segment embedding size (= encoder width)')
+    p.add_argument('--input_size', default=1024, type=int, help='segment embedding size (= encoder width unless --embed_dim)')
+    p.add_argument('--embed_dim', default=None, type=int,
+                   help='encoder width if it differs from --input_size (adds an input projection)')
     p.add_argument('--num_patches', default=256, type=int, help='longest sequence in segments (256 x 5 s = 21 min)')
     p.add_argument('--depth', default=32, type=int)
     p.add_argument('--num_heads', default=16, type=int)
@@ -134,7 +136,8 @@ def main(args):
     model = LVMAE(num_patches=args.num_patches, input_size=args.input_size, depth=args.depth,
                   num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
                   decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
-                  mlp_ratio=args.mlp_ratio, norm_pix_loss=args.norm_pix_loss, cos_loss=args.cos_loss).to(device)
+                  mlp_ratio=args.mlp_ratio, norm_pix_loss=args.norm_pix_loss, cos_loss=args.cos_loss,
+                  embed_dim=args.embed_dim).to(device)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'model: {n_parameters / 1e6:.2f}M trainable parameters')

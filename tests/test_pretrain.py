@@ -239,3 +239,12 @@ def test_nan_loss_stops_with_epoch_and_step(data, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match='loss is nan at epoch 1 step 0'):
         run_main(TINY + ['--data_path', data['train'], '--batch_size', '4', '--epochs', '3',
                          '--max_steps_per_epoch', '2', '--output_dir', str(tmp_path), '--save_every', '10'])
+
+
+def test_encoder_width_other_than_embedding_size(data, tmp_path):
+    out = str(tmp_path)
+    run_main(TINY + ['--data_path', data['train'], '--output_dir', out, '--batch_size', '4', '--epochs', '1',
+                     '--embed_dim', '24', '--max_steps_per_epoch', '1'])
+    sd = params(os.path.join(out, 'checkpoint-0.pth'))
+    assert tuple(sd['input_proj.weight'].shape) == (24, D)
+    assert tuple(sd['decoder_pred.weight'].shape)[0] == D and tuple(sd['pos_embed'].shape)[-1] == 24
