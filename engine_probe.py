@@ -137,7 +137,9 @@ class Featurizer:
     @torch.no_grad()
     def __call__(self, x, lengths):
         if self.encoder is not None:
-            x = self.encoder.forward_features(x, lengths)
+            # bf16 autocast on GPU (as in pretraining); fp32 on CPU
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=x.device.type == 'cuda'):
+                x = self.encoder.forward_features(x, lengths).float()
             if not self.pooled:
                 return x, lengths + 1
             x = x[:, 1:]
