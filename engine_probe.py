@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from models_lvmae import LVMAE
 from util.checkpoint import checkpoint_args, load_checkpoint, load_model_state, model_state
-from util.embeddings import EmbeddingError, atomic_write, load_row, read_csv, read_metadata
+from util.embeddings import EmbeddingError, atomic_write_text, load_row, read_csv, read_metadata
 from util.tasks import COLUMN_NAMES, GROUPS, LVU_CLASSIFICATION, expand_tasks, get_task
 
 SPLITS = ('train', 'val', 'test')
@@ -469,9 +469,8 @@ def results_markdown(summary, regression):
 
 def write_results(output_dir, summary, regression):
     md = results_markdown(summary, regression)
-    atomic_write(os.path.join(output_dir, 'results.json'),
-                 lambda tmp: open(tmp, 'w').write(json.dumps(summary, indent=1)))
-    atomic_write(os.path.join(output_dir, 'results.md'), lambda tmp: open(tmp, 'w').write(md))
+    atomic_write_text(os.path.join(output_dir, 'results.json'), json.dumps(summary, indent=1))
+    atomic_write_text(os.path.join(output_dir, 'results.md'), md)
     return md
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from prepare_paired_paths import is_complete
-from util.embeddings import atomic_write, save_video_embeddings
+from util.embeddings import atomic_write_text, save_video_embeddings
 from util.frames import NUM_FRAMES, DecodeError, decode_segments
 from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder
 
@@ -228,13 +228,8 @@ def main(args):
                'video_minutes_per_min': round(float(totals[5]) / (elapsed / 60), 2)}
     log('summary: ' + json.dumps(summary))
     if rank == 0 and args.end_job_file:
-        atomic_write(args.end_job_file, lambda tmp: write_text(tmp, json.dumps(summary) + '\n'))
+        atomic_write_text(args.end_job_file, json.dumps(summary) + '\n')
     return summary
-
-
-def write_text(path, text):
-    with open(path, 'w') as f:
-        f.write(text)
 
 
 if __name__ == '__main__':

@@ -144,7 +144,6 @@ class LVMAE(nn.Module):
 
         Returns the latent ``[B, 1 + K, D]`` with K the largest visible count in the batch, and
         ``keep [B, L]`` (True on visible tokens)."""
-        L = x.shape[1]
         keep = valid & ~mask
         n_keep = keep.sum(1)
         K = int(n_keep.max())

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from util.embeddings import EmbeddingError, atomic_write, embedding_path, load_video_embeddings
+from util.embeddings import EmbeddingError, atomic_write_text, embedding_path, load_video_embeddings
 
 REQUIRED_COLUMNS = ['video_id', 'video_path', 'segment_index', 'start', 'end', 'num_frames', 'fps', 'duration']
 NUMBERS = {'segment_index': int, 'start': float, 'end': float, 'num_frames': int, 'fps': float, 'duration': float}
@@ -115,13 +115,6 @@ def segment_length(jobs):
     return max((round(s['end'] - s['start'], 6) for s in segs), default=0.0)
 
 
-def write_json(path, doc):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(doc, f, indent=1)
-    atomic_write(path, write)
-
-
 def main(args):
     if args.num_shards < 1:
         sys.exit('error: --num_shards must be >= 1')
@@ -144,7 +137,7 @@ def main(args):
                  for k, shard in enumerate(shard_jobs(todo, args.num_shards))]
     header = {'version': 1, 'segment_sec': segment_length(jobs), 'embedding_dir': embedding_dir}
     for path, shard in files:
-        write_json(path, dict(header, jobs=shard))
+        atomic_write_text(path, json.dumps(dict(header, jobs=shard), indent=1))
         print(f'{path}: {len(shard)} videos, {sum(len(j["segments"]) for j in shard)} segments')
     print(f'{len(jobs)} videos in {args.segments_csv}: {len(jobs) - len(todo)} already complete in '
           f'{embedding_dir} (left out), {len(todo)} to do')

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from safetensors import SafetensorError, safe_open
 
-from util.embeddings import EXTENSION, EmbeddingError, atomic_write, embedding_path, read_csv
+from util.embeddings import EXTENSION, EmbeddingError, atomic_write, atomic_write_text, embedding_path, read_csv
 from util.legacy import legacy_segment_paths, legacy_videos
 from util.tasks import (BREAKFAST_CLASSES, LIKE_RATIO_OFFSET, LVU_CLASSIFICATION, LVU_TASKS, VIEW_COUNT_OFFSET,
                         Task, builtin_task, expand_tasks)
@@ -279,10 +279,7 @@ def write_task(args, task, splits):
             print(f'WARNING: {os.path.join(folder, split + ".csv")} has no rows')
     task.save(folder)
 
-    def write_summary(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(summary, f, indent=1)
-    atomic_write(os.path.join(folder, 'summary.json'), write_summary)
+    atomic_write_text(os.path.join(folder, 'summary.json'), json.dumps(summary, indent=1))
     return missing_total
 
 

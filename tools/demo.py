@@ -23,8 +23,8 @@ import time
 
 import pandas as pd
 
-from make_demo_data import TASKS, write_text  # tools/ is this script's folder
-from util.embeddings import load_video_embeddings, read_metadata
+from make_demo_data import TASKS  # tools/ is this script's folder
+from util.embeddings import atomic_write_text, load_video_embeddings, read_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # generator, pretraining and probe settings of each size
@@ -90,7 +90,7 @@ def fresh(folder, inputs):
         print(f'{folder}: made from other inputs, cleared', flush=True)
         shutil.rmtree(folder)
     os.makedirs(folder)
-    write_text(record, text)
+    atomic_write_text(record, text)
 
 
 def is_newer(path, inputs):
@@ -213,8 +213,8 @@ def main(args):
                'date': str(datetime.date.today()), 'wall_time_s': round(time.time() - start, 1),
                'tasks': {t: probe_row(t, results, d['csv']) for t in tasks}, 'artefacts': artefacts}
     md = results_table(summary)
-    write_text(os.path.join(out, 'demo_results.md'), md)
-    write_text(os.path.join(out, 'demo_results.json'), json.dumps(summary, indent=1) + '\n')
+    atomic_write_text(os.path.join(out, 'demo_results.md'), md)
+    atomic_write_text(os.path.join(out, 'demo_results.json'), json.dumps(summary, indent=1) + '\n')
     if random_encoder:
         banner(RANDOM_NOTE)
     print('\n' + md)

@@ -28,7 +28,7 @@ import re
 
 import numpy as np
 
-from util.embeddings import atomic_write
+from util.embeddings import atomic_write, atomic_write_text
 from util.synthetic import write_video
 from util.tasks import VIEW_COUNT_OFFSET
 
@@ -241,13 +241,6 @@ def expected_files(out_dir, plan):
     return files + [os.path.join(out_dir, 'README.txt')]
 
 
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def generate(args):
     """Write the benchmark under ``args.out_dir`` (or reuse it) and return the plan."""
     if args.fps < 1:
@@ -276,10 +269,10 @@ def generate(args):
     for task in TASKS:
         for split in SPLITS:
             videos = [v for v in plan if v['split'] == split]
-            write_text(os.path.join(args.out_dir, 'lvu_1.0', task, split + '.csv'),
+            atomic_write_text(os.path.join(args.out_dir, 'lvu_1.0', task, split + '.csv'),
                        '\n'.join(annotation_lines(task, videos)) + '\n')
-    write_text(os.path.join(args.out_dir, 'README.txt'), readme_text(args, plan))
-    write_text(stamp, stamp_text)
+    atomic_write_text(os.path.join(args.out_dir, 'README.txt'), readme_text(args, plan))
+    atomic_write_text(stamp, stamp_text)
     print(f'{args.out_dir}: wrote {len(plan)} videos and the tasks {", ".join(TASKS)} (see README.txt)')
     return plan
 

@@ -55,6 +55,14 @@ def atomic_write(path, write_fn):
         raise
 
 
+def atomic_write_text(path, text):
+    """Write a text file atomically."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def save_video_embeddings(path, embeddings, starts, ends, metadata=None, dtype=np.float16):
     """Write one video's ``[N, D]`` segment embeddings (L2-normalised here) atomically."""
     emb = torch.as_tensor(embeddings).float()
