@@ -1,4 +1,5 @@
 # make test   create/refresh the virtual environment when needed, then run the test suite
+# make test-fast   the same without the end-to-end and multi-process tests (marked slow)
 # make demo   the whole chain on a generated long-video benchmark (see README)
 # make env    only create/refresh the environment
 #
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lv-mae-$(shell (cat requirements.txt pyproject.toml; echo '$(CURDIR)') | sha1sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: env test demo clean-env
+.PHONY: env test test-fast demo clean-env
 
 env: $(STAMP)
 
@@ -25,6 +26,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

@@ -31,7 +31,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from models_lvmae import LVMAE
 from util.checkpoint import checkpoint_args, load_checkpoint, load_model_state, model_state
-from util.embeddings import EmbeddingError, atomic_write_text, load_row, read_csv, read_metadata
+from util.embeddings import EmbeddingError, load_row, read_csv, read_metadata
+from util.fileio import atomic_write_text
 from util.tasks import COLUMN_NAMES, GROUPS, LVU_CLASSIFICATION, expand_tasks, get_task
 
 SPLITS = ('train', 'val', 'test')

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from prepare_paired_paths import is_complete
-from util.embeddings import atomic_write_text, save_video_embeddings
+from util.embeddings import save_video_embeddings
+from util.fileio import atomic_write_text
 from util.frames import NUM_FRAMES, DecodeError, decode_segments
 from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder
 

@@ -18,7 +18,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from util.embeddings import EmbeddingError, atomic_write_text, embedding_path, load_video_embeddings
+from util.embeddings import EmbeddingError, embedding_path, load_video_embeddings
+from util.fileio import atomic_write_text
 
 REQUIRED_COLUMNS = ['video_id', 'video_path', 'segment_index', 'start', 'end', 'num_frames', 'fps', 'duration']
 NUMBERS = {'segment_index': int, 'start': float, 'end': float, 'num_frames': int, 'fps': float, 'duration': float}

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 from safetensors import SafetensorError, safe_open
 
-from util.embeddings import EXTENSION, EmbeddingError, atomic_write, atomic_write_text, embedding_path, read_csv
+from util.embeddings import EXTENSION, EmbeddingError, embedding_path, read_csv
+from util.fileio import atomic_write, atomic_write_text
 from util.legacy import legacy_segment_paths, legacy_videos
 from util.tasks import (BREAKFAST_CLASSES, LIKE_RATIO_OFFSET, LVU_CLASSIFICATION, LVU_TASKS, VIEW_COUNT_OFFSET,
                         Task, builtin_task, expand_tasks)

@@ -16,7 +16,7 @@ from functools import partial
 import pandas as pd
 from tqdm import tqdm
 
-from util.embeddings import atomic_write
+from util.fileio import atomic_write
 from util.video import VideoError, probe_video, reencode_segments, segment_file, segment_windows
 
 SEGMENT_COLUMNS = ['video_id', 'video_path', 'segment_index', 'start', 'end', 'num_frames', 'fps',

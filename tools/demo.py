@@ -24,7 +24,8 @@ import time
 import pandas as pd
 
 from make_demo_data import TASKS  # tools/ is this script's folder
-from util.embeddings import atomic_write_text, load_video_embeddings, read_metadata
+from util.embeddings import load_video_embeddings, read_metadata
+from util.fileio import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # generator, pretraining and probe settings of each size

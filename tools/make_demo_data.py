@@ -28,7 +28,7 @@ import re
 
 import numpy as np
 
-from util.embeddings import atomic_write, atomic_write_text
+from util.fileio import atomic_write, atomic_write_text
 from util.synthetic import write_video
 from util.tasks import VIEW_COUNT_OFFSET
 

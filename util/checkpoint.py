@@ -9,7 +9,7 @@ import pickle
 
 import torch
 
-from util.embeddings import atomic_write
+from util.fileio import atomic_write
 
 
 def save_checkpoint(path, state):

@@ -16,7 +16,6 @@ resolved against the CSV's folder.
 import ast
 import json
 import os
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -26,41 +25,18 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 from safetensors import safe_open
 
+from util.errors import InputError
+from util.fileio import atomic_write
+
 EXTENSION = '.safetensors'
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(InputError, ValueError):
     """Bad embedding file or CSV row; the message names the file (and the CSV row)."""
 
 
 def embedding_path(embedding_dir, video_id):
     return os.path.join(embedding_dir, video_id + EXTENSION)
-
-
-def atomic_write(path, write_fn):
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path, text):
-    """Write a text file atomically."""
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 def save_video_embeddings(path, embeddings, starts, ends, metadata=None, dtype=np.float16):

@@ -11,7 +11,7 @@ from itertools import groupby
 import av
 from av.video.frame import PictureType
 
-from util.embeddings import atomic_write
+from util.fileio import atomic_write
 
 
 class VideoError(ValueError):

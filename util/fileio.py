@@ -1,0 +1,70 @@
+"""Files that matter: atomic writes and a lock on an output folder."""
+import fcntl
+import os
+import tempfile
+
+from util.errors import InputError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path, write_fn):
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+    The temporary file sits in the same folder, named ``.<name>.<random>.tmp`` with ``<name>`` cut to
+    100 characters, so a long file name never makes it exceed the file system's name limit."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path)[:100] + '.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    """Write a text file atomically."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+class FolderLock:
+    """Exclusive lock on an output folder (``<folder>/.lock``, ``flock``), held until ``release()`` or
+    the process ends (also when it is killed). A second run on the same folder gets an ``InputError``
+    instead of silently mixing its files with the first run's."""
+
+    def __init__(self, folder, what='run'):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, '.lock')
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as e:
+            raise InputError(f'{folder}: cannot write to the output folder ({e.strerror})') from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors='replace').strip() or 'another process'
+            os.close(self.fd)
+            raise InputError(f'{folder}: another {what} is using this output folder ({holder}); '
+                             f'wait for it or choose another output folder') from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f'pid {os.getpid()}'.encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
