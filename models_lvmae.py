@@ -28,12 +28,22 @@ def get_1d_sincos_pos_embed(embed_dim, length, cls_token=False):
 
 SEMANTIC_ORDERS = ('keep_changes', 'mask_changes')
 
+# The paper's configuration, written once: LanguageBind Huge embeddings (1024-d), encoder depth 32 /
+# 16 heads, decoder 512-d, depth 8, 16 heads, 256 segments (about 21 minutes at 5 s). It gives the
+# model's defaults, the pretraining flags' defaults, and what the probes assume for a checkpoint that
+# does not say. ``ARCH_KEYS`` are the keyword arguments of ``LVMAE`` that fix its parameters' shapes.
+PAPER_CONFIG = dict(num_patches=256, input_size=1024, embed_dim=None, depth=32, num_heads=16, mlp_ratio=4.0,
+                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+ARCH_KEYS = tuple(PAPER_CONFIG)
+
 
 class LVMAE(nn.Module):
-    def __init__(self, num_patches=256, input_size=1024, depth=32, num_heads=16,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.,
+    def __init__(self, num_patches=PAPER_CONFIG['num_patches'], input_size=PAPER_CONFIG['input_size'],
+                 depth=PAPER_CONFIG['depth'], num_heads=PAPER_CONFIG['num_heads'],
+                 decoder_embed_dim=PAPER_CONFIG['decoder_embed_dim'], decoder_depth=PAPER_CONFIG['decoder_depth'],
+                 decoder_num_heads=PAPER_CONFIG['decoder_num_heads'], mlp_ratio=PAPER_CONFIG['mlp_ratio'],
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, cos_loss=False,
-                 embed_dim=None):
+                 embed_dim=PAPER_CONFIG['embed_dim']):
         super().__init__()
         # The encoder width equals the embedding size, as in the original release; a different
         # ``embed_dim`` adds an input projection (``input_proj``) and an output one (in decoder_pred).
@@ -209,10 +219,5 @@ class LVMAE(nn.Module):
 
 
 def lvmae_paper(**kwargs):
-    """The paper's setting: LanguageBind Huge embeddings (1024-d), encoder depth 32 / 16 heads,
-    decoder 512-d, depth 8, 16 heads, 256 segments (about 21 minutes at 5 s)."""
-    cfg = dict(num_patches=256, input_size=1024, depth=32, num_heads=16,
-               decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4)
-    cfg.update(kwargs)
-    return LVMAE(**cfg)
-
+    """The paper's setting (``PAPER_CONFIG``); keyword arguments override it."""
+    return LVMAE(**{**PAPER_CONFIG, **kwargs})
