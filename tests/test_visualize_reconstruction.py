@@ -152,6 +152,22 @@ def test_checkpoint_without_args_uses_shapes_and_given_heads(setup, tmp_path):
     assert line['epoch'] is None
 
 
+def test_masking_defaults_to_the_checkpoints(setup, tmp_path):
+    args = argparse.Namespace(mask_ratio=0.25, masking_strategy=True, semantic_order='mask_changes', **CFG)
+    ckpt = tmp_path / 'semantic.pth'
+    save_checkpoint(ckpt, {'model': setup['model'].state_dict(), 'epoch': 7, 'args': args})
+    line = run_main(dict(setup, ckpt=str(ckpt)), tmp_path / 's.png')
+    assert (line['masking'], line['semantic_order'], line['mask_ratio']) == ('semantic', 'mask_changes', 0.25)
+    assert line['masked'] == P - int(P * 0.75)
+    x = setup['x'].numpy().astype(np.float64)
+    prev = np.concatenate([[0.0], [x[i] @ x[i - 1] for i in range(1, P)]])
+    keep = set(np.argsort(-prev, kind='stable')[:int(P * 0.75)].tolist())   # mask_changes: redundant kept
+    assert line['masked_segments'] == [i for i in range(P) if i not in keep]
+    # flags override the checkpoint
+    line = run_main(dict(setup, ckpt=str(ckpt)), tmp_path / 'r.png', masking='random', mask_ratio=0.5)
+    assert (line['masking'], line['mask_ratio'], line['masked']) == ('random', 0.5, P // 2)
+
+
 def test_bad_inputs_are_input_errors(setup, tmp_path):
     with pytest.raises(InputError, match='checkpoint not found'):
         run_main(dict(setup, ckpt=str(tmp_path / 'nope.pth')), tmp_path / 'x.png')

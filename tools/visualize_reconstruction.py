@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -155,7 +156,7 @@ def draw(r, s, title, warning, out):
     seg = np.arange(L)
     fig = plt.figure(figsize=(15, 7.5))
     grid = fig.add_gridspec(3, 2, width_ratios=[1, 1.55], height_ratios=[0.3, 1.2, 1.2],
-                            hspace=0.45, wspace=0.16, left=0.05, right=0.98, top=0.82, bottom=0.08)
+                            hspace=0.45, wspace=0.16, left=0.05, right=0.98, top=0.82 if warning else 0.87, bottom=0.08)
 
     # (a) similarity matrix, with a strip above it marking the masked segments
     ax = fig.add_subplot(grid[:, 0])
@@ -208,8 +209,14 @@ def draw(r, s, title, warning, out):
              label=f'LV-MAE (top-1 {s["top1_model"]:.0%}, mean rank {s["mean_rank_model"]:.1f})')
     ax_r.bar(mpos + w / 2, r['rank_copy'] + 0.15, width=w, bottom=-0.15, color=COPY_COLOR,
              label=f'copy nearest visible (top-1 {s["top1_copy"]:.0%}, mean rank {s["mean_rank_copy"]:.1f})')
-    ax_r.set_ylim(-0.3, max(1.0, float(max(r['rank_model'].max(), r['rank_copy'].max()))) * 1.15 + 0.5)
-    ax_r.set_ylabel('rank (0 = best)')
+    worst = max(1.0, float(max(r['rank_model'].max(), r['rank_copy'].max())))
+    if L > 32:  # long videos: small ranks (the interesting ones) stay readable
+        ax_r.set_yscale('symlog', linthresh=1, linscale=0.5)
+        ax_r.set_ylim(-0.3, worst * 4)
+        ax_r.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+    else:
+        ax_r.set_ylim(-0.3, worst * 1.15 + 0.5)
+    ax_r.set_ylabel('rank (0 = best)' + (', log scale' if L > 32 else ''))
     ax_r.set_xlabel('segment')
     ax_r.set_title(f'(d) retrieval rank of each masked reconstruction among the video\'s own {L} segments '
                    f'(0 = best)', fontsize=10)
