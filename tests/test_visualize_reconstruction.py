@@ -168,6 +168,23 @@ def test_masking_defaults_to_the_checkpoints(setup, tmp_path):
     assert (line['masking'], line['mask_ratio'], line['masked']) == ('random', 0.5, P // 2)
 
 
+def test_norm_pix_loss_checkpoint_compares_with_normalised_targets(setup, tmp_path):
+    torch.manual_seed(1)
+    model = LVMAE(**CFG, norm_pix_loss=True).eval()
+    ckpt = tmp_path / 'npl.pth'
+    save_checkpoint(ckpt, {'model': model.state_dict(), 'args': argparse.Namespace(norm_pix_loss=True, **CFG)})
+    line = run_main(dict(setup, ckpt=str(ckpt)), tmp_path / 'n.png', seed=2, masking='random')
+    x = setup['x']
+    target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** .5
+    mask = torch.zeros(1, P, dtype=torch.bool)
+    mask[0, line['masked_segments']] = True
+    with torch.no_grad():
+        _, pred, _ = model(x[None], torch.tensor([P]), mask=mask)
+    ref = independent(target, line['masked_segments'], pred[0])
+    for k, v in ref.items():
+        assert line[k] == pytest.approx(v, abs=1e-5), k
+
+
 def test_bad_inputs_are_input_errors(setup, tmp_path):
     with pytest.raises(InputError, match='checkpoint not found'):
         run_main(dict(setup, ckpt=str(tmp_path / 'nope.pth')), tmp_path / 'x.png')

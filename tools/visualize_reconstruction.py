@@ -32,9 +32,10 @@ from util.embeddings import load_video_embeddings, read_metadata  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
 from util.reconstruction import copy_nearest_visible, retrieval_ranks  # noqa: E402
 
-# every configuration keyword of LVMAE (the shape-fixing ARCH_KEYS and the rest, e.g. the loss options
-# or an input scale), so that a value stored in the checkpoint's args reaches the model
-CONFIG_KEYS = tuple(k for k in inspect.signature(LVMAE.__init__).parameters if k not in ('self', 'norm_layer'))
+# every configuration keyword of LVMAE: the shape-fixing ARCH_KEYS and the rest (the loss options, an
+# input scale, ...), so that whatever the checkpoint's args store about the model reaches it
+CONFIG_KEYS = ARCH_KEYS + tuple(k for k in inspect.signature(LVMAE.__init__).parameters
+                                if k not in ARCH_KEYS and k not in ('self', 'norm_layer'))
 
 
 def get_args_parser():
@@ -83,11 +84,11 @@ def model_config(ckpt_args, sd, heads=None):
         elif key not in cfg:
             cfg[key] = PAPER_CONFIG[key]
             notes.append(f'{key} not stored in the checkpoint: using {cfg[key]} (set --{key})')
-    return {k: v for k, v in cfg.items() if k in ARCH_KEYS or k in CONFIG_KEYS}, notes
+    return cfg, notes
 
 
 def load_model(path, heads=None):
-    """The full LV-MAE (encoder and decoder) of a checkpoint, in eval mode; ``(model, ckpt_args)``."""
+    """The full LV-MAE (encoder and decoder) of a checkpoint, in eval mode: ``(model, ckpt_args, epoch)``."""
     try:
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, RuntimeError) as e:
@@ -127,14 +128,17 @@ def reconstruct(model, emb, mask_ratio, semantic, seed, device='cpu'):
     mask = model.make_mask(x, lengths, mask_ratio, semantic=semantic, noise=noise)
     _, pred, mask = model(x, lengths, mask=mask)
     mask = mask.bool()
-    copy = copy_nearest_visible(x, mask, valid)
+    target = x
+    if model.norm_pix_loss:  # the model predicts per-token normalised embeddings: compare with those
+        target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1.e-6) ** .5
+    copy = copy_nearest_visible(target, mask, valid)
     unit = F.normalize(x[0].float(), dim=-1)
     return dict(
         masked=mask[0].cpu().numpy(),
-        cos_model=cosine(pred[0], x[0]).cpu().numpy(),
-        cos_copy=cosine(copy[0], x[0]).cpu().numpy(),
-        rank_model=retrieval_ranks(x, pred, mask, valid).cpu().numpy(),
-        rank_copy=retrieval_ranks(x, copy, mask, valid).cpu().numpy(),
+        cos_model=cosine(pred[0], target[0]).cpu().numpy(),
+        cos_copy=cosine(copy[0], target[0]).cpu().numpy(),
+        rank_model=retrieval_ranks(target, pred, mask, valid).cpu().numpy(),
+        rank_copy=retrieval_ranks(target, copy, mask, valid).cpu().numpy(),
         sim=(unit @ unit.T).cpu().numpy())
 
 
@@ -252,7 +256,6 @@ def main(args):
     if int(L * (1 - ratio)) < 1 or int(L * (1 - ratio)) == L:
         raise InputError(f'{args.embedding_path}: {L} segments at mask ratio {ratio} leave '
                          f'{int(L * (1 - ratio))} visible: nothing to reconstruct from or nothing masked')
-    torch.manual_seed(args.seed)
     r = reconstruct(model, emb, ratio, order if masking == 'semantic' else False, args.seed, args.device)
     s = summary(r)
 
@@ -263,7 +266,8 @@ def main(args):
     how = f'semantic ({order})' if masking == 'semantic' else f'random (seed {args.seed})'
     length = f'{L} segments' if L == total else f'first {L} of {total} segments (num_patches = {L})'
     title = (f'video {video}: {length}\ncheckpoint {ckpt_name}' + (f' (epoch {epoch})' if epoch is not None else '')
-             + f'  |  masking {how}, ratio {ratio:g}')
+             + f'  |  masking {how}, ratio {ratio:g}'
+             + ('  |  targets per-segment normalised (norm_pix_loss)' if model.norm_pix_loss else ''))
     warning = ('RANDOM ENCODER: these embeddings come from a randomly initialised LanguageBind '
                '(a pipeline check, not real video content)') if random_enc else None
     draw(r, s, title, warning, args.out)
