@@ -30,6 +30,7 @@ from models_lvmae import ARCH_KEYS, LVMAE, PAPER_CONFIG, SEMANTIC_ORDERS  # noqa
 from util.checkpoint import checkpoint_args, load_checkpoint, load_model_state, model_state  # noqa: E402
 from util.embeddings import load_video_embeddings, read_metadata  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
+from util.fileio import atomic_write  # noqa: E402
 from util.reconstruction import copy_nearest_visible, retrieval_ranks  # noqa: E402
 
 # every configuration keyword of LVMAE: the shape-fixing ARCH_KEYS and the rest (the loss options, an
@@ -231,11 +232,10 @@ def draw(r, s, title, warning, out):
     fig.suptitle(title, fontsize=11, y=0.99)
     if warning:
         fig.text(0.5, 0.9, warning, ha='center', va='center', fontsize=11, color=MASK_COLOR, weight='bold')
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + '.tmp.png'
-    fig.savefig(tmp, dpi=100, metadata={'Software': None})
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format='png', dpi=100, metadata={'Software': None}))
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------- main
