@@ -29,14 +29,22 @@ def copy_nearest_visible(x, mask, valid):
 
 
 def retrieval_ranks(x, pred, mask, valid):
-    """For every masked token: the rank of its true embedding among all real segments of the batch,
-    ordered by cosine similarity to its reconstruction (0 = the true segment is the most similar).
-    Returns a 1-D tensor, one rank per masked token, in (video, position) order."""
+    """For every masked real token: the rank of its true embedding among all real segments of the
+    batch, ordered by cosine similarity to its reconstruction (0 = the true segment is the most
+    similar). Candidates that tie with the true segment (e.g. an identical segment elsewhere) do not
+    count against it; a reconstruction with no direction (all zeros) or a non-finite value gets the
+    worst rank, N - 1 for N candidates. Masked padding is ignored. Returns a 1-D long tensor, one
+    rank per masked token, in (video, position) order (batch of one video: the candidates are that
+    video's own segments)."""
     D = x.shape[-1]
+    mask = mask & valid
     cand = F.normalize(x[valid].float(), dim=-1)               # [N, D] all real segments of the batch
     flat_index = torch.cumsum(valid.flatten().long(), 0) - 1   # index in ``cand`` of each real token
     target = flat_index.view(valid.shape)[mask]                # [M] index of each masked token's truth
-    query = F.normalize(pred[mask].float().reshape(-1, D), dim=-1)
+    raw = pred[mask].float().reshape(-1, D)
+    usable = torch.isfinite(raw).all(-1) & (raw.norm(dim=-1) > 0)
+    query = F.normalize(torch.where(usable[:, None], raw, torch.zeros_like(raw)), dim=-1)
     sims = query @ cand.T                                      # [M, N]
     true_sim = sims.gather(1, target[:, None])
-    return (sims > true_sim).sum(1)
+    ranks = (sims > true_sim).sum(1)
+    return torch.where(usable, ranks, torch.full_like(ranks, cand.shape[0] - 1))
