@@ -156,7 +156,7 @@ def test_cli_reports_error_without_traceback(lvu):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'segment_dataframe_movie_clip.py'), '--dataset', 'lvu',
                         '--annotation_dir', ann, '--embedding_dir', store, '--out_dir', out],
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1
+    assert r.returncode == 2   # util.errors.run_main: bad input exits 2
     path = ann / 'view_count' / 'test.csv'
     assert r.stderr.strip() == f"error: {path} line 4: view count -3 must be > 0 in '-3 v_x tt1'"
 
