@@ -201,9 +201,11 @@ def combine(args):
             else:
                 location = ('embedding_path', os.path.normpath(src))
                 try:
-                    encoders.add(location[1], store_header(location[1])[1])
+                    metadata = store_header(location[1])[1]
                 except EmbeddingError:
-                    pass   # a missing or unreadable file is reported by pretraining, which reads it
+                    metadata = None   # a missing or unreadable file is reported by pretraining, which reads it
+                if metadata is not None:
+                    encoders.add(location[1], metadata)
             records.append({'video_id': r['video_id'], location[0]: location[1], 'number_of_segments': n})
     write_csv(args.out_csv, records)
     summary = {'videos': len(records), 'combined': [os.path.abspath(c) for c in args.combine],
