@@ -1,0 +1,169 @@
+"""SLURM launchers (submitit_pretrain.py, submitit_probe.py) on CPU with submitit's local executor: the
+same processes and environment as on a SLURM node, started by submitit's local controller."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import cloudpickle
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import main_pretrain
+import submitit_pretrain
+import submitit_probe
+from util.checkpoint import load_checkpoint
+from util.embeddings import embedding_path, save_video_embeddings
+from util.slurm import torchrun_environment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D = 16
+TINY = ['--input_size', str(D), '--depth', '1', '--num_heads', '2', '--decoder_embed_dim', '8',
+        '--decoder_depth', '1', '--decoder_num_heads', '2', '--num_patches', '16', '--mask_ratio', '0.5',
+        '--num_workers', '0', '--print_freq', '1000', '--warmup_epochs', '1', '--seed', '5', '--device', 'cpu',
+        '--batch_size', '2', '--epochs', '3', '--save_every', '1', '--lr', '1e-3']
+
+
+# ---------------------------------------------------------------- flags and environment (fast)
+
+def test_launcher_accepts_every_flag_of_the_wrapped_script():
+    wrapped = {s for a in main_pretrain.get_args_parser()._actions for s in a.option_strings}
+    launcher = submitit_pretrain.get_args_parser()
+    assert wrapped <= {s for a in launcher._actions for s in a.option_strings}
+    args = launcher.parse_args(['--nodes', '2', '--ngpus', '4', '--batch_size', '16', '--accum_iter', '2'])
+    assert (args.nodes, args.ngpus, args.batch_size, args.accum_iter, args.device) == (2, 4, 16, 2, 'auto')
+    with pytest.raises(SystemExit):   # --world_size must equal nodes x ngpus
+        submitit_pretrain.check_args(launcher, launcher.parse_args(['--nodes', '2', '--world_size', '8']))
+    submitit_pretrain.check_args(launcher, launcher.parse_args(['--nodes', '2', '--world_size', '16']))
+
+
+def test_probe_launcher_takes_the_chosen_probe_flags():
+    for probe in ('ap', 'lp'):
+        p = submitit_probe.get_args_parser(['--probe', probe])
+        args = p.parse_args(['--probe', probe, '--task', 'scene', '--partition', 'gpu'])
+        assert args.probe == probe and args.task == ['scene'] and args.ngpus == 1 and args.partition == 'gpu'
+        with pytest.raises(SystemExit):
+            submitit_probe.check_args(p, p.parse_args(['--ngpus', '2']))
+
+
+def test_torchrun_environment_from_slurm_tasks():
+    """16 tasks on 2 nodes: the variables torchrun would set, one rendezvous for all tasks."""
+    envs = [torchrun_environment(SimpleNamespace(num_tasks=16, num_nodes=2, node=r // 8, global_rank=r,
+                                                 local_rank=r % 8, job_id='4242', hostnames=['gpu017', 'gpu018']))
+            for r in range(16)]
+    assert [e['RANK'] for e in envs] == [str(r) for r in range(16)]
+    assert [e['LOCAL_RANK'] for e in envs] == [str(r % 8) for r in range(16)]
+    assert {(e['WORLD_SIZE'], e['LOCAL_WORLD_SIZE'], e['MASTER_ADDR'], e['MASTER_PORT']) for e in envs} == \
+        {('16', '8', 'gpu017', envs[0]['MASTER_PORT'])}
+    assert [e['GROUP_RANK'] for e in envs] == ['0'] * 8 + ['1'] * 8
+    assert 20000 <= int(envs[0]['MASTER_PORT']) < 40000
+
+
+def test_requeued_pretraining_resumes_from_the_newest_checkpoint(tmp_path):
+    args = submitit_pretrain.get_args_parser().parse_args(['--output_dir', str(tmp_path), '--resume', 'start.pth'])
+    job = submitit_pretrain.PretrainJob('main_pretrain', args)
+    requeued = job.checkpoint().function
+    assert requeued.args.resume == 'start.pth'     # nothing written yet: the given start point
+    for n in (0, 2, 10):
+        (tmp_path / f'checkpoint-{n}.pth').write_bytes(b'')
+    requeued = job.checkpoint().function
+    assert isinstance(requeued, submitit_pretrain.PretrainJob)
+    assert requeued.args.resume == str(tmp_path / 'checkpoint-10.pth') and args.resume == 'start.pth'
+
+
+# ---------------------------------------------------------------- local executor, 2 processes (Gloo)
+
+def random_walks(folder, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, n in enumerate(lengths):
+        x = np.cumsum(0.3 * rng.standard_normal((n, D)), axis=0) + rng.standard_normal(D)
+        path = embedding_path(os.path.join(folder, 'emb'), f'v{i}')
+        save_video_embeddings(path, x, np.arange(n) * 5.0, np.arange(1, n + 1) * 5.0, dtype=np.float32)
+        rows.append({'video_id': f'v{i}', 'embedding_path': path, 'number_of_segments': n})
+    csv = os.path.join(folder, 'combined.csv')
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv
+
+
+class PreemptedAfterFirstCheckpoint(submitit_pretrain.PretrainJob):
+    """Sends itself what SLURM sends before preempting a job, once, right after the first checkpoint."""
+
+    def __call__(self):
+        import util.misc as misc
+        marker, save = os.path.join(self.args.job_dir, 'preempted'), misc.save_model
+
+        def save_then_preempt(*a, **kw):
+            save(*a, **kw)
+            if misc.is_main_process() and not os.path.exists(marker):
+                open(marker, 'w').close()
+                os.kill(os.getpid(), signal.SIGUSR2)
+        misc.save_model = save_then_preempt
+        return super().__call__()
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the task processes cannot import this file
+
+
+def model_tensors(output_dir, epoch=2):
+    return load_checkpoint(os.path.join(output_dir, f'checkpoint-{epoch}.pth'))['model']
+
+
+@pytest.fixture(scope='module')
+def launched(tmp_path_factory):
+    """One uninterrupted 2-process job through submitit_pretrain.py; the data and its folder."""
+    folder = str(tmp_path_factory.mktemp('submitit'))
+    csv = random_walks(folder, np.random.default_rng(1).integers(4, 20, size=8))
+    env = {'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), 'OMP_NUM_THREADS': '1'}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)   # inherited by submitit's local controller and its tasks
+    out = os.path.join(folder, 'submitit_run')
+    launcher = ['--cluster', 'local', '--nodes', '1', '--ngpus', '2', '--timeout', '10']
+    try:
+        parser = submitit_pretrain.get_args_parser()
+        args = parser.parse_args(TINY + launcher + ['--data_path', csv, '--output_dir', out,
+                                                    '--job_dir', os.path.join(folder, 'jobs')])
+        submitit_pretrain.check_args(parser, args)
+        submitit_pretrain.main(args)
+        yield SimpleNamespace(folder=folder, csv=csv, out=out, launcher=launcher, parser=parser)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.mark.slow
+def test_submitit_two_tasks_write_the_torchrun_checkpoint(launched):
+    torchrun_out = os.path.join(launched.folder, 'torchrun_run')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        'main_pretrain.py'] + TINY + ['--data_path', launched.csv, '--output_dir', torchrun_out],
+                       cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = model_tensors(launched.out), model_tensors(torchrun_out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ckpt = load_checkpoint(os.path.join(launched.out, 'checkpoint-2.pth'))
+    saved = ckpt['args'] if isinstance(ckpt['args'], dict) else vars(ckpt['args'])
+    assert saved['world_size'] == 2 and saved['distributed']
+    init = model_tensors(launched.out, epoch=0)
+    assert any(not torch.equal(a[k], init[k]) for k in a)   # it trained past the first checkpoint
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(launched):
+    out, jobs = os.path.join(launched.folder, 'preempted_run'), os.path.join(launched.folder, 'jobs_preempted')
+    args = launched.parser.parse_args(TINY + launched.launcher + ['--data_path', launched.csv, '--output_dir', out,
+                                                                  '--job_dir', jobs])
+    os.environ.update({'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), 'OMP_NUM_THREADS': '1'})
+    job = submitit_pretrain.main(args, job_class=PreemptedAfterFirstCheckpoint)
+    assert os.path.exists(os.path.join(jobs, 'preempted'))
+    log = (job.task(0).stdout() or "") + (job.task(0).stderr() or "")
+    assert 'checkpoint-0.pth: continuing at epoch 1' in log, log[-3000:]
+    a, b = model_tensors(launched.out), model_tensors(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
