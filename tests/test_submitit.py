@@ -1,6 +1,6 @@
 """SLURM launchers (submitit_pretrain.py, submitit_probe.py) on CPU with submitit's local executor: the
 same processes and environment as on a SLURM node, started by submitit's local controller."""
-import argparse
+import json
 import os
 import signal
 import subprocess
@@ -19,13 +19,14 @@ import submitit_probe
 from util.checkpoint import load_checkpoint
 from util.embeddings import embedding_path, save_video_embeddings
 from util.slurm import torchrun_environment
+from util.tasks import Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 16
 TINY = ['--input_size', str(D), '--depth', '1', '--num_heads', '2', '--decoder_embed_dim', '8',
         '--decoder_depth', '1', '--decoder_num_heads', '2', '--num_patches', '16', '--mask_ratio', '0.5',
         '--num_workers', '0', '--print_freq', '1000', '--warmup_epochs', '1', '--seed', '5', '--device', 'cpu',
-        '--batch_size', '2', '--epochs', '3', '--save_every', '1', '--lr', '1e-3']
+        '--batch_size', '2', '--epochs', '2', '--save_every', '1', '--lr', '1e-3']
 
 
 # ---------------------------------------------------------------- flags and environment (fast)
@@ -75,6 +76,38 @@ def test_requeued_pretraining_resumes_from_the_newest_checkpoint(tmp_path):
     assert requeued.args.resume == str(tmp_path / 'checkpoint-10.pth') and args.resume == 'start.pth'
 
 
+def test_probe_job_runs_the_probe_script(tmp_path, capsys):
+    """submitit_probe.py on submitit's debug executor (the job runs in this process): the probe's results."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'csv' / 'two'
+    Task('two', 2).save(folder)
+    for split in ('train', 'val', 'test'):
+        rows = []
+        for i in range(4):
+            vid, n = f'{split}{i}', 3 + i
+            path = embedding_path(tmp_path / 'emb', vid)
+            save_video_embeddings(path, rng.standard_normal((n, D)) + (i % 2), np.arange(n) * 5.0,
+                                  np.arange(1, n + 1) * 5.0, dtype=np.float32)
+            rows.append({'video_id': vid, 'embedding_path': path, 'number_of_segments': n, 'label': i % 2,
+                         'label_name': f'c{i % 2}', 'split': split})
+        pd.DataFrame(rows).to_csv(folder / f'{split}.csv', index=False)
+    argv = ['--probe', 'lp', '--cluster', 'debug', '--task', 'two', '--data_path', str(tmp_path / 'csv'),
+            '--baseline', 'raw', '--epochs', '1', '--batch_size', '2', '--input_size', str(D), '--device', 'cpu',
+            '--output_dir', str(tmp_path / 'out')]
+    parser = submitit_probe.get_args_parser(argv)
+    args = parser.parse_args(argv)
+    submitit_probe.check_args(parser, args)
+    saved = dict(os.environ)
+    try:
+        submitit_probe.main(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert 'task 0 of 1 (local rank 0), rendezvous 127.0.0.1' in capsys.readouterr().out
+    results = json.load(open(tmp_path / 'out' / 'results.json'))
+    assert 'two' in results['tasks']
+
+
 # ---------------------------------------------------------------- local executor, 2 processes (Gloo)
 
 def random_walks(folder, lengths, seed=0):
@@ -109,61 +142,58 @@ class PreemptedAfterFirstCheckpoint(submitit_pretrain.PretrainJob):
 cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the task processes cannot import this file
 
 
-def model_tensors(output_dir, epoch=2):
+def model_tensors(output_dir, epoch=1):
     return load_checkpoint(os.path.join(output_dir, f'checkpoint-{epoch}.pth'))['model']
 
 
 @pytest.fixture(scope='module')
-def launched(tmp_path_factory):
-    """One uninterrupted 2-process job through submitit_pretrain.py; the data and its folder."""
+def runs(tmp_path_factory):
+    """The same tiny pretraining twice: torchrun with 2 processes, and submitit_pretrain.py with 2 tasks on
+    the local executor, preempted once right after its first checkpoint (requeued, then resumed)."""
     folder = str(tmp_path_factory.mktemp('submitit'))
     csv = random_walks(folder, np.random.default_rng(1).integers(4, 20, size=8))
-    env = {'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), 'OMP_NUM_THREADS': '1'}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)   # inherited by submitit's local controller and its tasks
-    out = os.path.join(folder, 'submitit_run')
-    launcher = ['--cluster', 'local', '--nodes', '1', '--ngpus', '2', '--timeout', '10']
-    try:
-        parser = submitit_pretrain.get_args_parser()
-        args = parser.parse_args(TINY + launcher + ['--data_path', csv, '--output_dir', out,
-                                                    '--job_dir', os.path.join(folder, 'jobs')])
-        submitit_pretrain.check_args(parser, args)
-        submitit_pretrain.main(args)
-        yield SimpleNamespace(folder=folder, csv=csv, out=out, launcher=launcher, parser=parser)
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-@pytest.mark.slow
-def test_submitit_two_tasks_write_the_torchrun_checkpoint(launched):
-    torchrun_out = os.path.join(launched.folder, 'torchrun_run')
+    torchrun_out, out, jobs = (os.path.join(folder, d) for d in ('torchrun_run', 'submitit_run', 'jobs'))
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                        'main_pretrain.py'] + TINY + ['--data_path', launched.csv, '--output_dir', torchrun_out],
+                        'main_pretrain.py'] + TINY + ['--data_path', csv, '--output_dir', torchrun_out],
                        cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    a, b = model_tensors(launched.out), model_tensors(torchrun_out)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ckpt = load_checkpoint(os.path.join(launched.out, 'checkpoint-2.pth'))
-    saved = ckpt['args'] if isinstance(ckpt['args'], dict) else vars(ckpt['args'])
-    assert saved['world_size'] == 2 and saved['distributed']
-    init = model_tensors(launched.out, epoch=0)
-    assert any(not torch.equal(a[k], init[k]) for k in a)   # it trained past the first checkpoint
+
+    env = {'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), 'OMP_NUM_THREADS': '1'}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)   # inherited by submitit's local controller and its tasks
+    try:
+        parser = submitit_pretrain.get_args_parser()
+        args = parser.parse_args(TINY + ['--cluster', 'local', '--nodes', '1', '--ngpus', '2', '--timeout', '60',
+                                         '--data_path', csv, '--output_dir', out, '--job_dir', jobs])
+        submitit_pretrain.check_args(parser, args)
+        job = submitit_pretrain.main(args, job_class=PreemptedAfterFirstCheckpoint)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return SimpleNamespace(torchrun=torchrun_out, submitit=out, jobs=jobs, job=job)
 
 
 @pytest.mark.slow
-def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(launched):
-    out, jobs = os.path.join(launched.folder, 'preempted_run'), os.path.join(launched.folder, 'jobs_preempted')
-    args = launched.parser.parse_args(TINY + launched.launcher + ['--data_path', launched.csv, '--output_dir', out,
-                                                                  '--job_dir', jobs])
-    os.environ.update({'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), 'OMP_NUM_THREADS': '1'})
-    job = submitit_pretrain.main(args, job_class=PreemptedAfterFirstCheckpoint)
-    assert os.path.exists(os.path.join(jobs, 'preempted'))
-    log = (job.task(0).stdout() or "") + (job.task(0).stderr() or "")
+def test_submitit_two_tasks_write_the_torchrun_checkpoint(runs):
+    """checkpoint-0.pth is written by the job's first run, before it is preempted."""
+    a, b = model_tensors(runs.submitit, epoch=0), model_tensors(runs.torchrun, epoch=0)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ckpt = load_checkpoint(os.path.join(runs.submitit, 'checkpoint-0.pth'))
+    saved = ckpt['args'] if isinstance(ckpt['args'], dict) else vars(ckpt['args'])
+    assert saved['world_size'] == 2 and saved['distributed'] and saved['device'] == 'cpu'
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(runs):
+    assert os.path.exists(os.path.join(runs.jobs, 'preempted'))
+    log = (runs.job.task(0).stdout() or '') + (runs.job.task(0).stderr() or '')
+    assert 'this job is preempted' in log and 'Requeued job' in log, log[-3000:]
     assert 'checkpoint-0.pth: continuing at epoch 1' in log, log[-3000:]
-    a, b = model_tensors(launched.out), model_tensors(out)
+    a, b = model_tensors(runs.submitit), model_tensors(runs.torchrun)
+    init = model_tensors(runs.torchrun, epoch=0)
+    assert any(not torch.equal(b[k], init[k]) for k in b)   # it trained after the first checkpoint
     for k in a:
         assert torch.equal(a[k], b[k]), k
