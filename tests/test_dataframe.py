@@ -374,6 +374,16 @@ def test_one_dataset_one_encoder(lvu, stamps, words):
                       '--out_csv', out / 'comb.csv'))
 
 
+def test_one_checkpoint_typed_as_two_paths_is_one_encoder(tmp_path):
+    make_store(tmp_path / 'A', ['v0', 'v1', 'v2'])
+    for vid, model in (('v0', 'checkpoints/LanguageBind_Video_Huge_V1.5_FT'),
+                       ('v1', '/data/models/LanguageBind_Video_Huge_V1.5_FT/'), ('v2', None)):
+        restamp(tmp_path / 'A' / f'{vid}.safetensors', **({'model': model} if model else {}))
+    records, _ = sdf.main(args('--dataset', 'pretrain', '--embedding_dir', tmp_path / 'A',
+                               '--out_csv', tmp_path / 'pre.csv'))
+    assert [r['video_id'] for r in records] == ['v0', 'v1', 'v2']
+
+
 def test_video_in_two_splits_stops(lvu):
     ann, store, _, out = lvu
     with open(ann / 'relationship' / 'test.csv', 'a') as f:

@@ -49,10 +49,16 @@ def find_embeddings(video_id, embedding_dirs, legacy_roots=()):
     return None, None, 'no embeddings'
 
 
+def encoder_name(model):
+    """The encoder a ``model`` metadata value names: a hub name or a checkpoint folder by its last path
+    component (the same checkpoint typed as a relative or an absolute path is one encoder)."""
+    return os.path.basename(os.path.normpath(str(model)))
+
+
 class EncoderCheck:
-    """Every store file of one dataset must come from one encoder: the same ``model`` metadata (files
-    without it, such as converted legacy files, are not compared) and the same ``random_init``
-    (absent = real weights). ``add`` raises ``EmbeddingError`` naming two files that differ."""
+    """Every store file of one dataset must come from one encoder: the same ``model`` metadata (by
+    ``encoder_name``; files without it, such as converted legacy files, are not compared) and the same
+    ``random_init`` (absent = real weights). ``add`` raises ``EmbeddingError`` naming two files that differ."""
 
     def __init__(self):
         self.model = None         # (model, path) of the first file that names its model
@@ -63,7 +69,7 @@ class EncoderCheck:
         if model is not None:
             if self.model is None:
                 self.model = (model, path)
-            elif model != self.model[0]:
+            elif encoder_name(model) != encoder_name(self.model[0]):
                 raise EmbeddingError(f'{self.model[1]} (model {self.model[0]!r}) and {path} (model {model!r}) '
                                      f'come from different encoders; one dataset must use one encoder '
                                      f'(re-extract the odd ones, or keep them in another store)')
