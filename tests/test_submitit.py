@@ -18,7 +18,8 @@ import submitit_pretrain
 import submitit_probe
 from util.checkpoint import load_checkpoint
 from util.embeddings import embedding_path, save_video_embeddings
-from util.slurm import torchrun_environment
+from util.errors import InputError
+from util.slurm import make_executor, torchrun_environment
 from util.tasks import Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +75,26 @@ def test_requeued_pretraining_resumes_from_the_newest_checkpoint(tmp_path):
     requeued = job.checkpoint().function
     assert isinstance(requeued, submitit_pretrain.PretrainJob)
     assert requeued.args.resume == str(tmp_path / 'checkpoint-10.pth') and args.resume == 'start.pth'
+
+
+def test_sbatch_script_for_nodes_gpus_partition_and_requeue(tmp_path, monkeypatch):
+    """The job SLURM would get (a stand-in ``srun`` makes submitit build its sbatch script here)."""
+    srun = tmp_path / 'bin' / 'srun'
+    srun.parent.mkdir()
+    srun.write_text('#!/bin/sh\n')
+    srun.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{srun.parent}{os.pathsep}{os.environ["PATH"]}')
+    parser = submitit_pretrain.get_args_parser()
+    args = parser.parse_args(['--nodes', '4', '--ngpus', '8', '--partition', 'gpu', '--timeout', '600',
+                              '--account', 'proj', '--slurm_arg', 'qos=high', '--output_dir', str(tmp_path / 'o')])
+    executor, folder = make_executor(args, 'lvmae_pretrain')
+    assert executor.cluster == 'slurm' and folder == str(tmp_path / 'o' / 'submitit')
+    script = executor._executor._make_submission_file_text('python -u -m submitit.core._submit X', 'uid')
+    for line in ('--nodes=4', '--ntasks-per-node=8', '--gpus-per-node=8', '--partition=gpu', '--time=600',
+                 '--account=proj', '--qos=high', '--signal=USR2@120', '--cpus-per-task=10', '--mem=320GB'):
+        assert f'#SBATCH {line}\n' in script, line
+    with pytest.raises(InputError, match='--nodes 4: the local executor'):
+        make_executor(parser.parse_args(['--nodes', '4', '--cluster', 'local']), 'x')
 
 
 def test_probe_job_runs_the_probe_script(tmp_path, capsys):

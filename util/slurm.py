@@ -13,6 +13,8 @@ import os
 import sys
 import zlib
 
+from util.errors import InputError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the scripts live here
 
 
@@ -31,7 +33,7 @@ def add_launcher_args(parser, ngpus=8):
     g.add_argument('--slurm_arg', action='append', default=[], metavar='KEY=VALUE',
                    help='another sbatch option, e.g. --slurm_arg qos=high --slurm_arg constraint=a100')
     g.add_argument('--cluster', choices=['slurm', 'local', 'debug'], default=None,
-                   help='default: slurm where sbatch is found, else local (this machine, for trying the launcher)')
+                   help='default: slurm where srun is found, else local (this machine, for trying the launcher)')
     return g
 
 
@@ -111,19 +113,27 @@ class Job:
         return submitit.helpers.DelayedSubmission(type(self)(self.module, self.requeued_args()))
 
 
-def submit(args, job, name):
-    """Submit ``job`` with the launcher flags; returns submitit's job. On the local and debug 'clusters'
-    this waits for the result, so a failure is raised here."""
+def make_executor(args, name):
+    """submitit's executor for the launcher flags (SLURM where ``srun`` is found, unless --cluster says)."""
     import submitit
     folder = args.job_dir or os.path.join(args.output_dir, 'submitit')
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
+    if executor.cluster != 'slurm' and args.nodes > 1:
+        raise InputError(f'--nodes {args.nodes}: the {executor.cluster} executor runs on this machine only '
+                         f'(no SLURM found); use --nodes 1')
     gpus = 0 if args.device == 'cpu' else args.ngpus
-    extra = dict(kv.split('=', 1) for kv in args.slurm_arg)
     executor.update_parameters(
         name=name, nodes=args.nodes, tasks_per_node=args.ngpus, gpus_per_node=gpus,
         cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb or 40 * args.ngpus, timeout_min=args.timeout,
         slurm_partition=args.partition, slurm_account=args.account, slurm_signal_delay_s=120,
-        slurm_additional_parameters=extra)
+        slurm_additional_parameters=dict(kv.split('=', 1) for kv in args.slurm_arg))
+    return executor, folder
+
+
+def submit(args, job, name):
+    """Submit ``job`` with the launcher flags; returns submitit's job. On the local and debug 'clusters'
+    this waits for the result, so a failure is raised here."""
+    executor, folder = make_executor(args, name)
     job = executor.submit(job)
     print(f'{executor.cluster}: job {job.job_id}, {args.nodes} node(s) x {args.ngpus} process(es); logs in {folder}')
     if executor.cluster in ('local', 'debug'):
