@@ -156,7 +156,7 @@ def test_cli_reports_error_without_traceback(lvu):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'segment_dataframe_movie_clip.py'), '--dataset', 'lvu',
                         '--annotation_dir', ann, '--embedding_dir', store, '--out_dir', out],
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1
+    assert r.returncode == 2   # util.errors.run_main: bad input exits 2
     path = ann / 'view_count' / 'test.csv'
     assert r.stderr.strip() == f"error: {path} line 4: view count -3 must be > 0 in '-3 v_x tt1'"
 
@@ -313,3 +313,129 @@ def test_legacy_csv_and_converter(tmp_path, lvu):
         torch.testing.assert_close(load_row(r, input_size=D), legacy[r['video_id']] / 100)
     with pytest.raises(EmbeddingError, match=r'mix.csv row 8 \(video r_b\): .*r_b/0-5/langbind_output.pt'):
         load_row(rows[-1], csv_path=tmp_path / 'mix.csv')
+
+
+# ---------------------------------------------------------------- protocol and hardening
+
+def test_exclude_csv_removes_exactly_the_listed_ids(tmp_path):
+    ids = [f'v{i}' for i in range(8)]
+    make_store(tmp_path / 'A', ids)
+    write(tmp_path / 'csv' / 'task' / 'val.csv', 'video_id,embedding_path,number_of_segments,label\n'
+                                                 'v1,x,2,0\nv6,x,2,1\nnot_in_store,x,2,1\n')
+    write(tmp_path / 'csv' / 'task' / 'test.csv', 'video_id,embedding_path,number_of_segments,label\nv3,x,2,0\n'
+                                                  'v6,x,2,1\n')
+    excl = [tmp_path / 'csv' / 'task' / 'val.csv', tmp_path / 'csv' / 'task' / 'test.csv']
+    sdf.main(args('--dataset', 'pretrain', '--embedding_dir', tmp_path / 'A', '--out_csv', tmp_path / 'pre.csv',
+                  '--exclude_csv', *excl))
+    assert read(tmp_path / 'pre.csv').video_id.tolist() == ['v0', 'v2', 'v4', 'v5', 'v7']
+    summary = json.load(open(tmp_path / 'pre_summary.json'))
+    assert summary['excluded'] == 3 and summary['excluded_videos'] == ['v1', 'v3', 'v6']
+    assert summary['videos'] == 5
+
+    # --combine: the same ids are left out of a CSV that still holds them
+    sdf.main(args('--dataset', 'pretrain', '--embedding_dir', tmp_path / 'A', '--out_csv', tmp_path / 'all.csv'))
+    assert len(read(tmp_path / 'all.csv')) == 8
+    sdf.main(args('--combine', tmp_path / 'all.csv', '--out_csv', tmp_path / 'comb.csv', '--exclude_csv', *excl))
+    assert read(tmp_path / 'comb.csv').video_id.tolist() == ['v0', 'v2', 'v4', 'v5', 'v7']
+    assert json.load(open(tmp_path / 'comb_summary.json'))['excluded'] == 3
+
+    write(tmp_path / 'noid.csv', 'file_name\nv0\n')
+    with pytest.raises(EmbeddingError, match='noid.csv: --exclude_csv needs a "video_id" column'):
+        sdf.main(args('--dataset', 'pretrain', '--embedding_dir', tmp_path / 'A', '--out_csv', tmp_path / 'x.csv',
+                      '--exclude_csv', tmp_path / 'noid.csv'))
+
+
+def restamp(path, **metadata):
+    """Rewrite a store file with other metadata (same embeddings)."""
+    emb, starts, ends = load_video_embeddings(path, with_times=True)
+    save_video_embeddings(path, emb, starts, ends, metadata, dtype=np.float32)
+
+
+@pytest.mark.parametrize('stamps,words', [
+    ({'r_b': {'model': 'LanguageBind_Video_FT'}}, "model 'LanguageBind_Video_Huge_V1.5_FT'.*different encoders"),
+    ({'r_g': {'model': 'random_init:tiny', 'random_init': 1}}, 'different encoders'),
+    ({'r_g': {'random_init': 1}}, 'randomly initialised encoder .*from real weights'),
+])
+def test_one_dataset_one_encoder(lvu, stamps, words):
+    ann, store, _, out = lvu
+    for vid in os.listdir(store):   # step 3's metadata on every file, then one odd file
+        restamp(store / vid, model='LanguageBind_Video_Huge_V1.5_FT', random_init=0)
+    sdf.main(args('--dataset', 'lvu', '--annotation_dir', ann, '--embedding_dir', store, '--out_dir', out / 'ok'))
+    for vid, meta in stamps.items():
+        restamp(store / f'{vid}.safetensors', **meta)
+    for argv in (['--dataset', 'lvu', '--annotation_dir', ann, '--out_dir', out / 'mixed'],
+                 ['--dataset', 'pretrain', '--out_csv', out / 'pre.csv']):
+        with pytest.raises(EmbeddingError, match=words) as e:
+            sdf.main(args(*argv, '--embedding_dir', store))
+        assert f'{store / vid}.safetensors' in str(e.value) and str(e.value).count('.safetensors') == 2
+    assert not os.path.exists(out / 'mixed') and not os.path.exists(out / 'pre.csv')  # stopped before writing
+    with pytest.raises(EmbeddingError, match=words):  # --combine of CSVs made from the mixed store
+        sdf.main(args('--combine', *(out / 'ok' / 'relationship' / f'{s}.csv' for s in sdf.SPLITS),
+                      '--out_csv', out / 'comb.csv'))
+
+
+def test_one_checkpoint_typed_as_two_paths_is_one_encoder(tmp_path):
+    make_store(tmp_path / 'A', ['v0', 'v1', 'v2'])
+    for vid, model in (('v0', 'checkpoints/LanguageBind_Video_Huge_V1.5_FT'),
+                       ('v1', '/data/models/LanguageBind_Video_Huge_V1.5_FT/'), ('v2', None)):
+        restamp(tmp_path / 'A' / f'{vid}.safetensors', **({'model': model} if model else {}))
+    records, _ = sdf.main(args('--dataset', 'pretrain', '--embedding_dir', tmp_path / 'A',
+                               '--out_csv', tmp_path / 'pre.csv'))
+    assert [r['video_id'] for r in records] == ['v0', 'v1', 'v2']
+
+
+def test_video_in_two_splits_stops(lvu):
+    ann, store, _, out = lvu
+    with open(ann / 'relationship' / 'test.csv', 'a') as f:
+        f.write('1 wife r_b tt9\n')   # r_b is on line 3 of train.csv
+    with pytest.raises(sdf.AnnotationError, match='video r_b is in train') as e:
+        sdf.main(args('--dataset', 'lvu', '--annotation_dir', ann, '--embedding_dir', store, '--out_dir', out))
+    assert f'{ann / "relationship" / "train.csv"} line 3' in str(e.value)
+    assert f'{ann / "relationship" / "test.csv"} line 5' in str(e.value)
+    assert not os.path.exists(out)
+
+
+def test_video_twice_with_two_labels_stops_and_same_label_is_kept_once(lvu, tmp_path):
+    ann, store, _, out = lvu
+    with open(ann / 'relationship' / 'val.csv', 'a') as f:
+        f.write('1 wife r_e tt9\n')   # repeat of line 2, same label
+    sdf.main(args('--dataset', 'lvu', '--annotation_dir', ann, '--embedding_dir', store, '--out_dir', out,
+                  '--tasks', 'relationship'))
+    assert read(out / 'relationship' / 'val.csv').video_id.tolist() == ['r_e', 'r_f']
+    assert json.load(open(out / 'relationship' / 'summary.json'))['val']['repeated_rows'] == 1
+    with open(ann / 'relationship' / 'val.csv', 'a') as f:
+        f.write('2 husband r_e tt9\n')
+    with pytest.raises(sdf.AnnotationError, match=r'video r_e has label 1 \(.*val.csv line 2\) and label 2 '
+                                                  r'\(.*val.csv line 5\)'):
+        sdf.main(args('--dataset', 'lvu', '--annotation_dir', ann, '--embedding_dir', store, '--out_dir', out))
+
+    names = ['cereals', 'coffee']   # Breakfast: a training video also in test
+    write(tmp_path / 'bf' / 'train.csv', 'file_name,duration,action,class_id\n' + ''.join(
+        f'P{p:02d}_{names[c]},5,{names[c]},{c}\n' for p in range(3, 8) for c in (0, 1)))
+    write(tmp_path / 'bf' / 'test.csv', 'file_name,duration,action,class_id\nP40_coffee,5,coffee,1\n'
+                                        'P05_cereals,5,cereals,0\n')
+    with pytest.raises(sdf.AnnotationError, match=r'P05_cereals is in train \(.*train.csv line 6\) and in test '
+                                                  r'\(.*test.csv line 3\)'):
+        sdf.main(args('--dataset', 'breakfast', '--annotation_dir', tmp_path / 'bf', '--embedding_dir', store,
+                      '--output_dir', tmp_path / 'bf_out'))
+
+
+@pytest.mark.parametrize('rows,where,fields', [
+    ('v1,a.safetensors,3,extra\nv2,b.safetensors,4\n', 'row 1 (line 2)', 4),   # pandas: an index column
+    ('v1,a.safetensors,3\nv2,b.safetensors,4,extra\n', 'row 2 (line 3)', 4),
+    ('v1,a.safetensors,3\n\nv2\n', 'row 2 (line 4)', 1),
+])
+def test_csv_row_with_wrong_field_count_is_named(tmp_path, rows, where, fields):
+    write(tmp_path / 'x.csv', 'video_id,embedding_path,number_of_segments\n' + rows)
+    with pytest.raises(EmbeddingError) as e:
+        read_csv(tmp_path / 'x.csv')
+    assert str(e.value) == (f'{tmp_path / "x.csv"} {where}: {fields} fields, but the header has 3 '
+                            f'(video_id,embedding_path,number_of_segments)')
+
+
+def test_output_dir_flag_and_out_dir_alias(lvu):
+    ann, store, _, out = lvu
+    for flag, folder in (('--output_dir', out / 'new'), ('--out_dir', out / 'old')):
+        sdf.main(args('--dataset', 'lvu', '--annotation_dir', ann, '--embedding_dir', store, flag, folder,
+                      '--tasks', 'view_count'))
+    assert read(out / 'new' / 'view_count' / 'test.csv').equals(read(out / 'old' / 'view_count' / 'test.csv'))

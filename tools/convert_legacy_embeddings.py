@@ -4,7 +4,8 @@ into the per-video store (<embedding_dir>/<video_id>.safetensors).
   python tools/convert_legacy_embeddings.py --legacy_root R --embedding_dir E [--dtype fp16|fp32]
 
 Videos already converted (store file loads and has as many segments) are skipped, so a rerun only does
-what is left; a video with an unreadable segment file is reported and skipped.
+what is left; a video with an unreadable segment file is reported and skipped (exit status 1 when
+any was skipped; 2 for bad input such as a missing --legacy_root).
 """
 import argparse
 import os
@@ -14,6 +15,7 @@ import numpy as np
 
 from util.embeddings import (EmbeddingError, embedding_path, load_legacy_segments, load_video_embeddings,
                              save_video_embeddings)
+from util.errors import run_main
 from util.legacy import legacy_videos
 
 DTYPES = {'fp16': np.float16, 'fp32': np.float32}
@@ -60,7 +62,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(1 if main(get_args_parser().parse_args()) else 0)
-    except EmbeddingError as e:
-        sys.exit(f'error: {e}')
+    sys.exit(1 if run_main(main, get_args_parser().parse_args()) else 0)

@@ -14,6 +14,7 @@ Dataset CSV: one row per video with ``video_id``, ``embedding_path`` (or ``segme
 resolved against the CSV's folder.
 """
 import ast
+import csv
 import json
 import os
 
@@ -128,6 +129,27 @@ def load_legacy_segments(paths, input_size=None, with_times=False):
     return emb
 
 
+def _check_field_counts(csv_path):
+    """Every data row must have as many fields as the header. (pandas takes a first row with one field
+    too many as an index column and shifts every column, which then looks like an empty embedding_path.)"""
+    try:
+        with open(csv_path, newline='', encoding='utf-8-sig') as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return
+            row = 0
+            for fields in reader:
+                if not fields:    # blank lines are skipped, as pandas does
+                    continue
+                row += 1
+                if len(fields) != len(header):
+                    raise EmbeddingError(f'{csv_path} row {row} (line {reader.line_num}): {len(fields)} fields, '
+                                         f'but the header has {len(header)} ({",".join(header)})')
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise EmbeddingError(f'{csv_path}: unreadable CSV ({e})') from None
+
+
 def read_csv(csv_path, label_required=False):
     """Read a dataset CSV into a list of row dicts with resolved paths.
 
@@ -136,6 +158,7 @@ def read_csv(csv_path, label_required=False):
     """
     if not os.path.isfile(csv_path):
         raise EmbeddingError(f'{csv_path}: CSV file not found')
+    _check_field_counts(csv_path)
     try:
         df = pd.read_csv(csv_path, dtype={'video_id': str, 'label_name': str}, keep_default_na=False)
     except pd.errors.EmptyDataError:

@@ -4,13 +4,15 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+SPLITS = ('train', 'val', 'test')   # the split names of every task folder: <task>/{train,val,test}.csv
+
 LVU_CLASSIFICATION = {  # paper's column order
     'relationship': 4, 'way_speaking': 5, 'scene': 6, 'director': 10, 'genre': 4, 'writer': 10, 'year': 9,
 }
 LVU_REGRESSION = ('like_ratio', 'view_count')
 LVU_TASKS = tuple(LVU_CLASSIFICATION) + LVU_REGRESSION
 
-# LVU regression targets as distributed by ViS4mer (DESIGN.md section 5)
+# LVU regression targets as distributed by ViS4mer (docs/DATA.md, step 4)
 LIKE_RATIO_OFFSET = 9.138220535629456   # target = 10 * like / (like + dislike) - offset
 VIEW_COUNT_OFFSET = 11.76425435683139   # target = ln(view_count) - offset
 
