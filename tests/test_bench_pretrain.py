@@ -49,7 +49,9 @@ def test_original_step_equals_ours(semantic):
     assert mask.sum() > 0
     valid = bench.LVMAE.valid_mask(lengths, L)
     assert torch.allclose(pred[valid], pred_o[:, :L][valid], atol=1e-5)
-    assert abs(loss.item() - loss_o.item()) < 1e-6
+    assert abs(loss.item() - loss_o.item()) < 1e-6     # the default reduction is the release's
+    video = model.forward_loss(x[:, :L], pred, mask, reduction='video')
+    assert abs(video.item() - loss_o.item()) > 1e-5     # and differs from the mean of per-video means
     assert g.keys() == g_o.keys() and len(g) == len(list(model.parameters())) - 2   # all but the pos tables
     for n in g:
         assert torch.allclose(g[n], g_o[n], rtol=1e-4, atol=1e-6), n

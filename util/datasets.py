@@ -2,14 +2,22 @@
 
 All randomness of a sample comes from a generator seeded by (seed, epoch, index), so a sample does
 not depend on the number of workers or ranks, and a resumed run sees the same data as an
-uninterrupted one. DESIGN.md section 4 gives the rules.
+uninterrupted one. The rules (as the original release; see docs/PRETRAIN.md):
+  - a video whose whole length keeps no visible token (``int(N * (1 - mask_ratio)) < 1``) is replaced
+    by another video drawn from the sample's generator;
+  - the window is ``randint(10, num_patches * 5) // 5`` consecutive segments (2 to num_patches) from a
+    random start, the whole video if it is shorter;
+  - a window of a very short video is tiled (fewer than 2 segments 8 times, fewer than 5 three times)
+    and cut to ``num_patches``.
+Only the window's rows are read from a store file (a memory-mapped slice) and normalised; the result is
+the same as loading the whole video and slicing it.
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
-from util.embeddings import EmbeddingError, load_row, pad_batch, read_csv
-
-MIN_WINDOW_SEC = 10.0
+from util.embeddings import EmbeddingError, _check, load_legacy_segments, load_row, pad_batch, read_csv
 
 
 def tile_short(x, video_segments):
@@ -22,16 +30,81 @@ def tile_short(x, video_segments):
     return x
 
 
+class VideoRows:
+    """One CSV row's video, opened for reading a range of its segments: ``len(v)`` is its number of
+    segments (from the store file's header, or the length of a legacy ``segment_paths`` list) and
+    ``v.read(start, stop)`` the float32 unit-norm rows ``[stop - start, D]``, equal to
+    ``load_row(row)[start:stop]``. Use as a context manager; errors name the CSV row."""
+
+    def __init__(self, row, input_size=None, csv_path=None):
+        self.row, self.input_size, self.csv_path = row, input_size, csv_path
+        self._file = self._slice = None
+        source = row['source']
+        if isinstance(source, list):
+            self.n = len(source)
+            if self.n == 0:
+                raise self._error('empty segment_paths list')
+            return
+        try:
+            self._file = safe_open(source, framework='numpy')
+            if 'embeddings' not in self._file.keys():
+                raise self._error(f'{source}: no "embeddings" tensor in file')
+            self._slice = self._file.get_slice('embeddings')
+            shape = self._slice.get_shape()
+        except FileNotFoundError:
+            raise self._error(f'{source}: embedding file not found') from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise self._error(f'{source}: unreadable embedding file ({e})') from None
+        if len(shape) != 2 or shape[0] == 0:
+            raise self._error(f'{source}: expected a [N, D] array with N >= 1, got shape {tuple(shape)}')
+        if input_size is not None and shape[1] != input_size:
+            raise self._error(f'{source}: embedding size {shape[1]} does not match --input_size {input_size}')
+        self.n = shape[0]
+
+    def _error(self, message):
+        where = f'{self.csv_path} row {self.row["row"]} (video {self.row["video_id"]}): ' if self.csv_path else ''
+        return EmbeddingError(where + message)
+
+    def __len__(self):
+        return self.n
+
+    def read(self, start, stop):
+        source = self.row['source']
+        if self._slice is None:
+            try:
+                return load_legacy_segments(source[start:stop], self.input_size)
+            except EmbeddingError as e:
+                raise self._error(str(e)) from None
+        try:
+            emb = torch.from_numpy(self._slice[start:stop].astype(np.float32))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise self._error(f'{source}: unreadable embedding file ({e})') from None
+        try:
+            _check(emb, source, self.input_size)
+        except EmbeddingError as e:
+            raise self._error(str(e)) from None
+        return F.normalize(emb, dim=-1)
+
+    def close(self):
+        if self._file is not None:
+            self._file.__exit__(None, None, None)
+            self._file = self._slice = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class PretrainDataset(torch.utils.data.Dataset):
     """Videos of one or more dataset CSVs; item ``i`` is ``(x [L, D], noise [L])``.
 
-    train=True: a random window (duration uniform in [10 s, num_patches * segment_sec], that many
-    consecutive segments from a random start; the whole video if shorter), tiled when the video is
-    very short, cut to ``num_patches``; a new window every epoch (``set_epoch``).
-    train=False (validation): the first ``num_patches`` segments and a fixed noise per video, so the
-    masks are the same at every evaluation.
-    A sample that would keep no visible token (int(L * (1 - mask_ratio)) == 0) is replaced by
-    another video drawn from the same generator.
+    train=True: a random window (see the module's docstring), a new one every epoch (``set_epoch``).
+    train=False (validation): the first ``num_patches`` segments (tiled as in training when the video
+    is very short) and a fixed noise per video, so the masks are the same at every evaluation.
+    A video that keeps no visible token over its whole length is replaced by another one drawn from
+    the sample's generator, in both modes.
     """
 
     def __init__(self, csv_paths, input_size, num_patches, mask_ratio, segment_sec=5.0, seed=0,
@@ -65,25 +138,27 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def _window(self, emb, rng):
+    def _window(self, n_video, rng):
+        """``(start, stop)`` of the segments this sample reads from a video of ``n_video`` segments."""
         if not self.train:
-            return emb[:self.num_patches]
-        max_sec = self.num_patches * self.segment_sec
-        n = int(np.ceil(rng.uniform(MIN_WINDOW_SEC, max_sec) / self.segment_sec))  # 2 .. num_patches
-        if emb.shape[0] <= n:
-            return emb
-        start = int(rng.integers(0, emb.shape[0] - n + 1))
-        return emb[start:start + n]
+            return 0, min(n_video, self.num_patches)
+        # as released: randint(10, num_patches * 5) // 5 segments (Python's randint includes both ends)
+        n = int(rng.integers(10, self.num_patches * 5, endpoint=True)) // 5
+        if n_video <= n:
+            return 0, n_video
+        start = int(rng.integers(0, n_video - n + 1))
+        return start, start + n
 
     def __getitem__(self, index):
         key = [self.seed, self.epoch, index] if self.train else [self.seed, index]
         rng = np.random.default_rng(key)
         for _ in range(100):
             csv, row = self.rows[index]
-            emb = load_row(row, self.input_size, csv)
-            x = tile_short(self._window(emb, rng), emb.shape[0])[:self.num_patches]
-            if int(x.shape[0] * (1 - self.mask_ratio)) > 0:
-                return x, torch.from_numpy(rng.random(x.shape[0])).float()
+            with VideoRows(row, self.input_size, csv) as video:
+                if int(len(video) * (1 - self.mask_ratio)) >= 1:
+                    start, stop = self._window(len(video), rng)
+                    x = tile_short(video.read(start, stop), len(video))[:self.num_patches]
+                    return x, torch.from_numpy(rng.random(x.shape[0])).float()
             index = int(rng.integers(len(self.rows)))
         raise EmbeddingError(f'no video keeps a visible token at --mask_ratio {self.mask_ratio} after 100 draws')
 
