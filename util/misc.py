@@ -43,15 +43,17 @@ def init_distributed_mode(args):
 
 
 def setup_for_distributed(is_master):
-    """Only the main process prints (``print(..., force=True)`` prints everywhere)."""
+    """Only the main process prints (``print(..., force=True)`` prints everywhere); console lines start
+    with the time."""
     import builtins
     builtin_print = builtins.__dict__.get('_lvmae_print', builtins.print)
     builtins._lvmae_print = builtin_print
 
     def print_fn(*args, **kwargs):
         if is_master or kwargs.pop('force', False):
-            now = datetime.datetime.now().strftime('%H:%M:%S')
-            builtin_print(f'[{now}]', *args, **kwargs)
+            if kwargs.get('file') is None:   # console lines get the time; other files (stderr) as given
+                args = (datetime.datetime.now().strftime('[%H:%M:%S]'),) + args
+            builtin_print(*args, **kwargs)
     builtins.print = print_fn
 
 
