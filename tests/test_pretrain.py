@@ -160,6 +160,26 @@ def test_window_read_equals_slicing_the_full_load(tmp_path, dtype):
         assert torch.equal(w.read(3, 11), load_row(legacy_row, D)[3:11])
 
 
+def test_window_read_errors_name_the_row(tmp_path):
+    folder = str(tmp_path)
+    emb = np.random.default_rng(0).standard_normal((50, D))
+    emb[30] = np.nan
+    path = embedding_path(folder, 'v')
+    save_video_embeddings(path, emb, np.arange(50.), np.arange(1, 51.), dtype=np.float32)
+    row = {'video_id': 'v', 'row': 4, 'source': path}
+    with VideoRows(row, D, 'x.csv') as v:
+        assert torch.isfinite(v.read(0, 30)).all()                 # the window before the NaN is fine
+        with pytest.raises(EmbeddingError, match=r'x.csv row 4 \(video v\): .*non-finite value'):
+            v.read(20, 40)
+    with open(path, 'r+b') as f:                                  # a file cut short by a crash
+        f.truncate(os.path.getsize(path) - 100)
+    with VideoRows(row, D, 'x.csv') as v, pytest.raises(EmbeddingError, match='x.csv row 4.*truncated'):
+        v.read(40, 50)
+    open(path, 'wb').write(b'junk')
+    with pytest.raises(EmbeddingError, match='x.csv row 4.*unreadable embedding file'):
+        VideoRows(row, D, 'x.csv')
+
+
 def test_collate_pads_to_longest():
     a, b = torch.randn(3, 4), torch.randn(5, 4)
     x, lengths, noise = collate_pretrain([(a, torch.rand(3)), (b, torch.rand(5))])

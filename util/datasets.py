@@ -12,12 +12,13 @@ uninterrupted one. The rules (as the original release; see docs/PRETRAIN.md):
 Only the window's rows are read from a store file (a memory-mapped slice) and normalised; the result is
 the same as loading the whole video and slicing it.
 """
+import json
+import os
+
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 
-from util.embeddings import EmbeddingError, _check, load_legacy_segments, load_row, pad_batch, read_csv
+from util.embeddings import EmbeddingError, _check, load_legacy_segments, load_row, read_csv
 
 
 def tile_short(x, video_segments):
@@ -30,15 +31,38 @@ def tile_short(x, video_segments):
     return x
 
 
+STORE_DTYPES = {'F16': torch.float16, 'BF16': torch.bfloat16, 'F32': torch.float32, 'F64': torch.float64}
+
+
+def read_store_header(f, path):
+    """``(dtype, shape, first byte)`` of the ``embeddings`` tensor of an open safetensors store file.
+    The format: an 8-byte little-endian header size, a JSON header giving each tensor's dtype, shape and
+    byte range (counted from the end of the header), then the data, little-endian and row-major."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError('file shorter than a safetensors header')
+    n = int.from_bytes(head, 'little')
+    if n > 100_000_000:
+        raise ValueError(f'header size {n} is not plausible')
+    header = json.loads(f.read(n))
+    if 'embeddings' not in header:
+        raise KeyError('embeddings')
+    info = header['embeddings']
+    if info['dtype'] not in STORE_DTYPES:
+        raise ValueError(f'unsupported dtype {info["dtype"]}')
+    return STORE_DTYPES[info['dtype']], tuple(info['shape']), 8 + n + int(info['data_offsets'][0])
+
+
 class VideoRows:
     """One CSV row's video, opened for reading a range of its segments: ``len(v)`` is its number of
     segments (from the store file's header, or the length of a legacy ``segment_paths`` list) and
     ``v.read(start, stop)`` the float32 unit-norm rows ``[stop - start, D]``, equal to
-    ``load_row(row)[start:stop]``. Use as a context manager; errors name the CSV row."""
+    ``load_row(row)[start:stop]``; only those rows are read from the file. Use as a context manager;
+    errors name the CSV row."""
 
     def __init__(self, row, input_size=None, csv_path=None):
         self.row, self.input_size, self.csv_path = row, input_size, csv_path
-        self._file = self._slice = None
+        self._file = None
         source = row['source']
         if isinstance(source, list):
             self.n = len(source)
@@ -46,20 +70,23 @@ class VideoRows:
                 raise self._error('empty segment_paths list')
             return
         try:
-            self._file = safe_open(source, framework='numpy')
-            if 'embeddings' not in self._file.keys():
-                raise self._error(f'{source}: no "embeddings" tensor in file')
-            self._slice = self._file.get_slice('embeddings')
-            shape = self._slice.get_shape()
+            self._file = open(source, 'rb')
+            self.dtype, shape, self.offset = read_store_header(self._file, source)
         except FileNotFoundError:
             raise self._error(f'{source}: embedding file not found') from None
-        except (SafetensorError, OSError, ValueError) as e:
+        except KeyError:
+            self.close()
+            raise self._error(f'{source}: no "embeddings" tensor in file') from None
+        except (OSError, ValueError, TypeError, IndexError) as e:
+            self.close()
             raise self._error(f'{source}: unreadable embedding file ({e})') from None
         if len(shape) != 2 or shape[0] == 0:
-            raise self._error(f'{source}: expected a [N, D] array with N >= 1, got shape {tuple(shape)}')
+            self.close()
+            raise self._error(f'{source}: expected a [N, D] array with N >= 1, got shape {shape}')
         if input_size is not None and shape[1] != input_size:
+            self.close()
             raise self._error(f'{source}: embedding size {shape[1]} does not match --input_size {input_size}')
-        self.n = shape[0]
+        self.n, self.dim = shape
 
     def _error(self, message):
         where = f'{self.csv_path} row {self.row["row"]} (video {self.row["video_id"]}): ' if self.csv_path else ''
@@ -70,25 +97,33 @@ class VideoRows:
 
     def read(self, start, stop):
         source = self.row['source']
-        if self._slice is None:
+        if self._file is None:
             try:
                 return load_legacy_segments(source[start:stop], self.input_size)
             except EmbeddingError as e:
                 raise self._error(str(e)) from None
-        try:
-            emb = torch.from_numpy(self._slice[start:stop].astype(np.float32))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise self._error(f'{source}: unreadable embedding file ({e})') from None
-        try:
-            _check(emb, source, self.input_size)
-        except EmbeddingError as e:
-            raise self._error(str(e)) from None
-        return F.normalize(emb, dim=-1)
+        row_bytes = self.dim * self.dtype.itemsize
+        size = (stop - start) * row_bytes
+        data = bytearray(size)
+        got = os.preadv(self._file.fileno(), [data], self.offset + start * row_bytes) if size else 0
+        if got != size:
+            raise self._error(f'{source}: unreadable embedding file (truncated: rows {start}-{stop} missing)')
+        emb = torch.frombuffer(data, dtype=self.dtype).view(stop - start, self.dim).float()
+        # F.normalize(emb, dim=-1), written out so that the norms also serve the check: a NaN/inf value
+        # makes its row's norm NaN/inf, an all-zero row has norm 0; only then run the full check
+        norm = emb.norm(2, -1, keepdim=True)
+        lo, hi = (float(v) for v in torch.aminmax(norm))
+        if not (lo > 0 and hi < float('inf')):   # also when NaN
+            try:
+                _check(emb, source, self.input_size)
+            except EmbeddingError as e:
+                raise self._error(str(e)) from None
+        return emb.div_(norm.clamp_min_(1e-12))
 
     def close(self):
         if self._file is not None:
-            self._file.__exit__(None, None, None)
-            self._file = self._slice = None
+            self._file.close()
+            self._file = None
 
     def __enter__(self):
         return self
@@ -164,11 +199,21 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 def collate_pretrain(batch):
-    """Pad to the longest sequence of the batch: ``x [B, L, D]``, ``lengths [B]``, ``noise [B, L]``
-    (noise is 1 past each length, above every real value, so padding is never chosen to be kept)."""
+    """Pad to the longest sequence of the batch: ``x [B, L, D]`` (zeros past each length), ``lengths [B]``,
+    ``noise [B, L]`` (1 past each length, above every real value, so padding is never chosen to be kept)."""
     xs, noises = zip(*batch)
-    x, lengths = pad_batch(list(xs))
-    noise = torch.ones(len(noises), x.shape[1])
-    for i, nz in enumerate(noises):
+    lengths = torch.tensor([x.shape[0] for x in xs], dtype=torch.long)
+    L = int(lengths.max())
+    shape = (len(xs), L, xs[0].shape[1])
+    if torch.utils.data.get_worker_info() is not None:
+        # in a DataLoader worker, build the batch in shared memory (as default_collate does): otherwise
+        # it is copied there once more to reach the main process
+        x = xs[0].new(xs[0]._typed_storage()._new_shared(shape[0] * shape[1] * shape[2])).view(shape)
+    else:
+        x = torch.empty(shape, dtype=xs[0].dtype)
+    noise = torch.ones(len(xs), L)
+    for i, (xi, nz) in enumerate(batch):
+        x[i, :xi.shape[0]] = xi
+        x[i, xi.shape[0]:] = 0
         noise[i, :nz.shape[0]] = nz
     return x, lengths, noise
