@@ -77,7 +77,9 @@ def get_args_parser():
                    help='dataset CSV(s), or folder(s) holding <dataset>.csv')
     p.add_argument('--dataset', default='combined', help='CSV name looked up in a --data_path folder')
     p.add_argument('--val_data_path', default=None, help='validation CSV (optional)')
-    p.add_argument('--segment_sec', default=5.0, type=float, help='segment length the embeddings were made with')
+    p.add_argument('--segment_sec', default=5.0, type=float,
+                   help='segment length the embeddings were made with (recorded in the checkpoint; windows are '
+                        'drawn in segments, randint(10, num_patches * 5) // 5, as released)')
     p.add_argument('--skip_bad', action='store_true',
                    help='check every video at start; skip (and report) missing/unreadable/NaN/wrong-size ones')
     p.add_argument('--num_workers', default=8, type=int)
@@ -167,7 +169,7 @@ def train(args):
     print('args:', json.dumps(vars(args), default=str))
 
     kw = dict(input_size=args.input_size, num_patches=args.num_patches, mask_ratio=args.mask_ratio,
-              segment_sec=args.segment_sec, seed=args.seed, skip_bad=args.skip_bad)
+              seed=args.seed, skip_bad=args.skip_bad)
     dataset_train = PretrainDataset(csv_paths(args), train=True, **kw)
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size, rank=args.rank,
                                                   shuffle=True, seed=args.seed)

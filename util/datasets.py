@@ -142,13 +142,13 @@ class PretrainDataset(torch.utils.data.Dataset):
     the sample's generator, in both modes.
     """
 
-    def __init__(self, csv_paths, input_size, num_patches, mask_ratio, segment_sec=5.0, seed=0,
-                 train=True, skip_bad=False, log=print):
+    def __init__(self, csv_paths, input_size, num_patches, mask_ratio, seed=0, train=True, skip_bad=False,
+                 log=print):
         if isinstance(csv_paths, str):
             csv_paths = [csv_paths]
         self.rows = [(csv, row) for csv in csv_paths for row in read_csv(csv)]
         self.input_size, self.num_patches, self.mask_ratio = input_size, num_patches, mask_ratio
-        self.segment_sec, self.seed, self.train, self.epoch = segment_sec, seed, train, 0
+        self.seed, self.train, self.epoch = seed, train, 0
         if skip_bad:
             self.rows = self._drop_bad(log)
         if not self.rows:
