@@ -15,9 +15,15 @@ import numpy as np
 import torch
 
 import util.misc as misc
-from engine_pretrain import evaluate, train_one_epoch
-from models_lvmae import LVMAE, SEMANTIC_ORDERS
+from engine_pretrain import evaluate, param_groups, train_one_epoch
+from models_lvmae import ARCH_KEYS, LOSS_REDUCTIONS, LVMAE, SEMANTIC_ORDERS
 from util.datasets import PretrainDataset, collate_pretrain
+from util.errors import InputError, run_main
+from util.fileio import FolderLock
+
+
+VAL_LOSS_MEANING = {'batch': 'mean over all masked tokens of the validation set',
+                    'video': 'mean over validation videos of each video\'s masked-token mean'}
 
 
 def get_args_parser():
@@ -48,22 +54,32 @@ def get_args_parser():
                         'was trained; mask_changes masks the change points, which is what the paper\'s text describes')
     p.add_argument('--norm_pix_loss', action='store_true', help='per-token normalised targets (as MAE)')
     p.add_argument('--cos_loss', action='store_true', help='1 - cosine similarity instead of MSE')
+    p.add_argument('--loss_reduction', default='batch', choices=LOSS_REDUCTIONS,
+                   help='batch (the original release\'s): the mean over all masked tokens of the global batch, '
+                        'so a long window weighs more than a short one; video: the mean over videos of each '
+                        'video\'s mean over its masked tokens')
 
     # optimizer
     p.add_argument('--weight_decay', default=0.05, type=float)
     p.add_argument('--lr', default=None, type=float, help='absolute learning rate (default: blr * global batch / 256)')
-    p.add_argument('--blr', default=1.5e-4, type=float, help='base learning rate')
+    p.add_argument('--blr', default=1e-3, type=float,
+                   help='base learning rate; 1e-3 is the original release\'s default (the paper\'s text states '
+                        '1.5e-4)')
     p.add_argument('--min_lr', default=0.0, type=float, help='end of the cosine schedule')
     p.add_argument('--warmup_epochs', default=40, type=int)
     p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm to this value')
-    p.add_argument('--fp16', action='store_true', help='fp16 autocast with a GradScaler on GPU (default bf16)')
+    p.add_argument('--fp16', action='store_true',
+                   help='fp16 autocast with a GradScaler on GPU, as the original release trained (default: bf16 '
+                        'autocast on GPU, fp32 on CPU)')
 
     # data
     p.add_argument('--data_path', default=['data'], nargs='+',
                    help='dataset CSV(s), or folder(s) holding <dataset>.csv')
     p.add_argument('--dataset', default='combined', help='CSV name looked up in a --data_path folder')
     p.add_argument('--val_data_path', default=None, help='validation CSV (optional)')
-    p.add_argument('--segment_sec', default=5.0, type=float, help='segment length the embeddings were made with')
+    p.add_argument('--segment_sec', default=5.0, type=float,
+                   help='segment length the embeddings were made with (recorded in the checkpoint; windows are '
+                        'drawn in segments, randint(10, num_patches * 5) // 5, as released)')
     p.add_argument('--skip_bad', action='store_true',
                    help='check every video at start; skip (and report) missing/unreadable/NaN/wrong-size ones')
     p.add_argument('--num_workers', default=8, type=int)
@@ -76,6 +92,10 @@ def get_args_parser():
     p.add_argument('--eval_every', default=5, type=int, help='validation loss every N epochs (and at the end)')
     p.add_argument('--print_freq', default=20, type=int, help='steps between log lines')
     p.add_argument('--resume', default='', help='checkpoint to resume from')
+    p.add_argument('--trust_checkpoint', action='store_true',
+                   help='allow full unpickling of the --resume checkpoint when it holds Python objects that safe '
+                        'loading refuses (this can run code from the file: only for files you trust); never '
+                        'applies to a checkpoint found by auto-resume')
     p.add_argument('--no_auto_resume', action='store_true',
                    help='do not resume from the newest checkpoint-*.pth in --output_dir')
     p.add_argument('--start_epoch', default=0, type=int)
@@ -93,29 +113,63 @@ def csv_paths(args):
     for p in args.data_path:
         path = os.path.join(p, args.dataset + '.csv') if os.path.isdir(p) else p
         if not os.path.isfile(path):
-            raise SystemExit(f'--data_path: {path} not found (give a CSV file or a folder holding {args.dataset}.csv)')
+            raise InputError(f'--data_path: {path} not found (give a CSV file or a folder holding {args.dataset}.csv)')
         paths.append(path)
     return paths
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms and other 1-D parameters; frozen ones left out."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith('.bias') else decay).append(p)
-    return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
+def check_args(args):
+    """Every numeric flag in its range, with argparse-style messages (``argument --x: ...``)."""
+    def need(ok, flag, what):
+        if not ok:
+            raise InputError(f'argument --{flag}: {what}, got {getattr(args, flag)}')
+    need(0 < args.mask_ratio < 1, 'mask_ratio', 'must be between 0 and 1 (both excluded)')
+    for flag in ('batch_size', 'epochs', 'accum_iter', 'save_every', 'eval_every', 'print_freq', 'input_size',
+                 'depth', 'num_heads', 'decoder_embed_dim', 'decoder_depth', 'decoder_num_heads'):
+        need(getattr(args, flag) >= 1, flag, 'must be at least 1')
+    need(args.num_patches >= 2, 'num_patches', 'must be at least 2 (a window has 2 to num_patches segments)')
+    for flag in ('embed_dim', 'max_steps_per_epoch', 'world_size'):
+        need(getattr(args, flag) is None or getattr(args, flag) >= 1, flag, 'must be at least 1')
+    for flag in ('warmup_epochs', 'start_epoch', 'num_workers', 'weight_decay', 'min_lr'):
+        need(getattr(args, flag) >= 0, flag, 'must not be negative')
+    for flag in ('blr', 'mlp_ratio', 'segment_sec'):
+        need(getattr(args, flag) > 0, flag, 'must be positive')
+    for flag in ('lr', 'clip_grad'):
+        need(getattr(args, flag) is None or getattr(args, flag) > 0, flag, 'must be positive')
+    width = args.embed_dim or args.input_size
+    need(width % 2 == 0, 'embed_dim' if args.embed_dim else 'input_size',
+         'the encoder width must be even (sin-cos position embeddings)')
+    need(args.decoder_embed_dim % 2 == 0, 'decoder_embed_dim', 'must be even (sin-cos position embeddings)')
+    need(width % args.num_heads == 0, 'num_heads', f'must divide the encoder width {width}')
+    need(args.decoder_embed_dim % args.decoder_num_heads == 0, 'decoder_num_heads',
+         f'must divide --decoder_embed_dim {args.decoder_embed_dim}')
 
 
 def main(args):
+    check_args(args)
     misc.init_distributed_mode(args)
+    lock = None
+    if misc.is_main_process():   # one run per output folder: a second one stops here
+        try:
+            lock = FolderLock(args.output_dir, 'pretraining run')
+        except OSError as e:
+            raise InputError(f'--output_dir {args.output_dir}: cannot create or write the output folder '
+                             f'({e.strerror or e})') from None
+    try:
+        train(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(args):
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     print('args:', json.dumps(vars(args), default=str))
 
     kw = dict(input_size=args.input_size, num_patches=args.num_patches, mask_ratio=args.mask_ratio,
-              segment_sec=args.segment_sec, seed=args.seed, skip_bad=args.skip_bad)
+              seed=args.seed, skip_bad=args.skip_bad)
     dataset_train = PretrainDataset(csv_paths(args), train=True, **kw)
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size, rank=args.rank,
                                                   shuffle=True, seed=args.seed)
@@ -123,7 +177,7 @@ def main(args):
                      collate_fn=collate_pretrain)
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kw)
     if len(loader_train) == 0:
-        raise SystemExit(f'{len(dataset_train)} videos do not fill one step of batch_size {args.batch_size} '
+        raise InputError(f'{len(dataset_train)} videos do not fill one step of batch_size {args.batch_size} '
                          f'x {args.world_size} process(es)')
     loader_val = None
     if args.val_data_path:
@@ -137,7 +191,7 @@ def main(args):
                   num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
                   decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
                   mlp_ratio=args.mlp_ratio, norm_pix_loss=args.norm_pix_loss, cos_loss=args.cos_loss,
-                  embed_dim=args.embed_dim).to(device)
+                  embed_dim=args.embed_dim, loss_reduction=args.loss_reduction).to(device)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'model: {n_parameters / 1e6:.2f}M trainable parameters')
@@ -154,11 +208,12 @@ def main(args):
     if args.fp16 and device.type != 'cuda':
         print('--fp16 is for GPUs; training in fp32 on CPU')
     scaler = torch.amp.GradScaler('cuda', enabled=args.fp16 and device.type == 'cuda')
-    misc.resume(args, model_without_ddp, optimizer, scaler)
+    misc.resume(args, model_without_ddp, optimizer, scaler, arch_keys=ARCH_KEYS)
 
     log_writer = None
-    if misc.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
+    if misc.is_main_process():   # the folder is locked: no other run writes these files
+        misc.sweep_stale_tmp(args.output_dir)
+        misc.trim_log(args.output_dir, args.start_epoch)
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
 
@@ -176,7 +231,8 @@ def main(args):
         last = epoch + 1 == args.epochs
         if loader_val is not None and ((epoch + 1) % args.eval_every == 0 or last):
             log_stats['val_loss'] = evaluate(model_without_ddp, loader_val, device, args)
-            print(f'epoch {epoch}: validation loss {log_stats["val_loss"]:.5f}')
+            log_stats['val_loss_reduction'] = args.loss_reduction
+            print(f'epoch {epoch}: validation loss {log_stats["val_loss"]:.5f} ({VAL_LOSS_MEANING[args.loss_reduction]})')
             if log_writer is not None:
                 log_writer.add_scalar('val_loss', log_stats['val_loss'], epoch)
         if misc.is_main_process():
@@ -194,5 +250,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    args = get_args_parser().parse_args()
-    main(args)
+    run_main(main, get_args_parser().parse_args())

@@ -1,4 +1,4 @@
-"""LV-MAE: a masked autoencoder over sequences of segment embeddings (DESIGN.md section 3).
+"""LV-MAE: a masked autoencoder over sequences of segment embeddings.
 
 Tokens are the unit-norm embeddings of consecutive 5-second segments of one video. Sequences in a
 batch have different lengths: ``x`` is ``[B, L, D]`` with zeros past each video's length and
@@ -28,6 +28,11 @@ def get_1d_sincos_pos_embed(embed_dim, length, cls_token=False):
 
 SEMANTIC_ORDERS = ('keep_changes', 'mask_changes')
 
+# How the per-token losses of a batch become one number. 'batch' (the original release's): the mean
+# over all masked tokens of the batch, so a long window weighs more than a short one. 'video': the mean
+# over videos of each video's mean over its masked tokens.
+LOSS_REDUCTIONS = ('batch', 'video')
+
 # The paper's configuration, written once: LanguageBind Huge embeddings (1024-d), encoder depth 32 /
 # 16 heads, decoder 512-d, depth 8, 16 heads, 256 segments (about 21 minutes at 5 s). It gives the
 # model's defaults, the pretraining flags' defaults, and what the probes assume for a checkpoint that
@@ -43,13 +48,16 @@ class LVMAE(nn.Module):
                  decoder_embed_dim=PAPER_CONFIG['decoder_embed_dim'], decoder_depth=PAPER_CONFIG['decoder_depth'],
                  decoder_num_heads=PAPER_CONFIG['decoder_num_heads'], mlp_ratio=PAPER_CONFIG['mlp_ratio'],
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, cos_loss=False,
-                 embed_dim=PAPER_CONFIG['embed_dim']):
+                 embed_dim=PAPER_CONFIG['embed_dim'], loss_reduction='batch'):
         super().__init__()
         # The encoder width equals the embedding size, as in the original release; a different
         # ``embed_dim`` adds an input projection (``input_proj``) and an output one (in decoder_pred).
         embed_dim = embed_dim or input_size
         self.num_patches, self.input_size, self.embed_dim = num_patches, input_size, embed_dim
         self.norm_pix_loss, self.cos_loss = norm_pix_loss, cos_loss
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f'loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}')
+        self.loss_reduction = loss_reduction
 
         # encoder
         self.input_proj = nn.Linear(input_size, embed_dim) if embed_dim != input_size else nn.Identity()
@@ -181,10 +189,17 @@ class LVMAE(nn.Module):
             z = blk(z, attn_mask=attn_mask)
         return self.decoder_pred(self.decoder_norm(z))[:, 1:]
 
-    def forward_loss(self, x, pred, mask, reduction='mean'):
-        """Loss on masked tokens only: per video the mean over its masked tokens of the MSE (mean
-        over the dimension) or of ``1 - cos``; then the mean over videos that have masked tokens
-        (``reduction='none'`` returns the per-video values)."""
+    def forward_loss(self, x, pred, mask, reduction=None):
+        """Loss on masked tokens only; a token's loss is the MSE over the dimension (or ``1 - cos``).
+
+        ``reduction`` (default: the model's ``loss_reduction``):
+          'batch'  the mean over all masked tokens of the batch (the original release's);
+          'video'  per video the mean over its masked tokens, then the mean over videos that have some;
+          'none'   the per-video means ``[B]``;
+          'sum'    ``(sum of the masked tokens' losses, number of masked tokens)``, for reductions
+                   over several batches or processes.
+        """
+        reduction = reduction or self.loss_reduction
         target, pred = x.float(), pred.float()
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
@@ -194,16 +209,23 @@ class LVMAE(nn.Module):
         else:
             per_token = ((pred - target) ** 2).mean(dim=-1)
         mask = mask.float()
+        if reduction == 'batch':
+            return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        if reduction == 'sum':
+            return (per_token * mask).sum(), mask.sum()
         count = mask.sum(1)
         per_video = (per_token * mask).sum(1) / count.clamp(min=1)
         if reduction == 'none':
             return per_video
+        if reduction != 'video':
+            raise ValueError(f'unknown reduction {reduction!r}')
         has = (count > 0).float()
         return (per_video * has).sum() / has.sum().clamp(min=1)
 
     def forward(self, x, lengths, mask_ratio=0.5, mask=None, semantic=False, noise=None):
         """``loss, pred [B, L, input_size], mask [B, L]`` (1 = masked). ``mask`` (1 = masked, 0 =
-        kept or padding) overrides the masking; otherwise see ``make_mask``."""
+        kept or padding) overrides the masking; otherwise see ``make_mask``. ``loss`` is reduced as
+        ``loss_reduction`` says (by default the mean over all masked tokens of the batch)."""
         B, L = x.shape[:2]
         if L > self.num_patches:
             raise ValueError(f'sequence of {L} segments is longer than num_patches={self.num_patches}')

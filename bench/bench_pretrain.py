@@ -4,6 +4,16 @@
     python bench/bench_pretrain.py --preset full256   # 256-segment windows: ours, original
     python bench/bench_pretrain.py --preset memory    # forward+backward peak memory at 256/1024/4096 tokens
     python bench/bench_pretrain.py --preset gpu       # the paper's configuration (depth 32, bf16, batch 16)
+    python bench/bench_pretrain.py --preset loader    # data loading: samples/s of one loader process
+
+The loader preset writes store files of the paper's size (1,024-d float16, videos of 100-800 segments)
+to a temporary folder and times one process (one thread, as a DataLoader worker) producing training
+samples (256-segment windows) and collating them into batches; one line per way of reading:
+  store/window      this repository: only the window's rows are read (memory-mapped slice)
+  store/whole_file  the whole video's file read and normalised, then cut (this repository before)
+  original_layout   the original release's layout, one .pt file per segment (only the window's files)
+The files were just written, so they sit in the page cache: this measures the loader's own work, not
+the disk.
 
 One JSON line per measurement; each runs in a fresh process so that its peak memory is its own.
 ``cpu_ms_per_step`` (process CPU time) is steadier than wall time on a shared machine with --threads 1.
@@ -26,16 +36,21 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from main_pretrain import param_groups  # noqa: E402
+from engine_pretrain import param_groups  # noqa: E402
 from models_lvmae import LVMAE  # noqa: E402
+from util.datasets import PretrainDataset, collate_pretrain, tile_short  # noqa: E402
+from util.embeddings import embedding_path, load_row, save_video_embeddings  # noqa: E402
 
 MODES = ('ours', 'ours_pad256', 'original')
 PRESETS = {
@@ -44,7 +59,9 @@ PRESETS = {
     'memory': dict(batch_size=1, lengths='256,1024,4096', num_patches=4096, modes='memory'),
     'gpu': dict(device='cuda', dtype='bfloat16', depth=32, batch_size=16, lengths='12-36,256',
                 modes='ours,ours_pad256,original', steps=20, warmup=5),
+    'loader': dict(modes='loader', lengths='100-800', batch_size=16),
 }
+LOADER_READS = ('store/window', 'store/whole_file', 'original_layout')
 
 
 def get_args_parser():
@@ -72,6 +89,9 @@ def get_args_parser():
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='bfloat16 = autocast')
     p.add_argument('--threads', default=None, type=int, help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--loader_videos', default=64, type=int, help='loader: store files written (videos)')
+    p.add_argument('--loader_samples', default=3000, type=int, help='loader: samples timed per line')
+    p.add_argument('--loader_reads', default=','.join(LOADER_READS), help=f'loader: comma list of {LOADER_READS}')
     return p
 
 
@@ -83,6 +103,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 2, 1
+        args.loader_videos, args.loader_samples = min(args.loader_videos, 8), min(args.loader_samples, 64)
     if args.steps < 1:
         parser.error('--steps must be at least 1')
     return args
@@ -183,9 +204,10 @@ def original_forward(model, inp):
     for blk in model.decoder_blocks:
         z = original_block(blk, z, attend)
     pred = model.decoder_pred(model.decoder_norm(z))[:, 1:]
-    # the release averaged over all masked tokens of the batch; ours averages per video first. The
-    # bench uses ours for both so that the losses are comparable (the cost is the same).
-    return model.forward_loss(inp['target'], pred, inp['mask']), pred, inp['mask']
+    # the release's loss: MSE over the dimension, averaged over all masked tokens of the batch
+    mask = inp['mask']
+    per_token = ((pred.float() - inp['target'].float()) ** 2).mean(dim=-1)
+    return (per_token * mask).sum() / mask.sum(), pred, mask
 
 
 # ---------------------------------------------------------------------- arithmetic
@@ -306,6 +328,74 @@ def measure_memory(args, length):
                 peak_growth_mb=grow, bytes_per_token=grow * 2 ** 20 / (length * args.batch_size))
 
 
+class WholeFileDataset(PretrainDataset):
+    """The loader as it was: read and normalise the whole video's file, then cut the window (the same
+    samples as ``PretrainDataset``)."""
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        for _ in range(100):
+            csv, row = self.rows[index]
+            emb = load_row(row, self.input_size, csv)
+            if int(emb.shape[0] * (1 - self.mask_ratio)) >= 1:
+                start, stop = self._window(emb.shape[0], rng)
+                x = tile_short(emb[start:stop], emb.shape[0])[:self.num_patches]
+                return x, torch.from_numpy(rng.random(x.shape[0])).float()
+            index = int(rng.integers(len(self.rows)))
+
+
+def write_loader_data(folder, args, layout, n_videos):
+    """``n_videos`` videos with lengths drawn from ``args.lengths``, as store files or in the original
+    release's layout (``<root>/<video>/<start>-<end>/langbind_output.pt``); returns the CSV's path."""
+    rng = np.random.default_rng(args.seed)
+    lo, hi = parse_lengths(args.lengths)
+    rows = []
+    for i in range(n_videos):
+        n = int(rng.integers(lo, hi + 1))
+        emb = rng.standard_normal((n, args.input_size), dtype=np.float32)
+        vid = f'video{i}'
+        if layout == 'store':
+            path = embedding_path(os.path.join(folder, 'store'), vid)
+            save_video_embeddings(path, emb, np.arange(n) * 5.0, np.arange(1, n + 1) * 5.0)
+            rows.append({'video_id': vid, 'embedding_path': path, 'number_of_segments': n})
+        else:
+            emb = torch.from_numpy(emb).half()
+            paths = []
+            for k in range(n):
+                seg = os.path.join(folder, 'legacy', vid, f'{5 * k}-{5 * k + 5}', 'langbind_output.pt')
+                os.makedirs(os.path.dirname(seg))
+                torch.save({'embedding': emb[k].clone(), 'start': 5 * k, 'end': 5 * k + 5}, seg)
+                paths.append(seg)
+            rows.append({'video_id': vid, 'segment_paths': repr(paths), 'number_of_segments': n})
+    csv = os.path.join(folder, f'{layout}.csv')
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv
+
+
+def measure_loader(args, read):
+    """Samples per second of one process (one thread) producing training samples and batches."""
+    torch.set_num_threads(1)
+    layout = 'legacy' if read == 'original_layout' else 'store'
+    n_videos = args.loader_videos if layout == 'store' else max(2, args.loader_videos // 8)
+    n_samples = args.loader_samples if layout == 'store' else max(args.batch_size, args.loader_samples // 4)
+    with tempfile.TemporaryDirectory() as folder:
+        csv = write_loader_data(folder, args, layout, n_videos)
+        cls = WholeFileDataset if read == 'store/whole_file' else PretrainDataset
+        ds = cls(csv, args.input_size, args.num_patches, args.mask_ratio, seed=args.seed)
+        order = np.random.default_rng(args.seed).permutation(n_samples) % len(ds)
+        collate_pretrain([ds[int(i)] for i in order[:args.batch_size]])   # warm-up
+        tokens = 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        for b in range(0, n_samples, args.batch_size):
+            x, lengths, _ = collate_pretrain([ds[int(i)] for i in order[b:b + args.batch_size]])
+            tokens += int(lengths.sum())
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return dict(measure='loader', read=read, samples_per_s=n_samples / dt, cpu_samples_per_s=n_samples / cpu,
+                ms_per_sample=1e3 * dt / n_samples, mean_window=tokens / n_samples, samples=n_samples,
+                videos=n_videos, lengths=args.lengths, input_size=args.input_size, num_patches=args.num_patches,
+                batch_size=args.batch_size, goal='samples_per_s >= 2000 (one H100 at the paper\'s configuration)')
+
+
 def in_fresh_process(fn, *a):
     with ProcessPoolExecutor(1, mp_context=get_context('spawn')) as ex:
         return ex.submit(fn, *a).result()
@@ -327,6 +417,12 @@ def main(args):
     config = {k: v for k, v in vars(args).items() if k not in ('modes', 'lengths', 'quick')}
     config['threads'] = args.threads or torch.get_num_threads()
     modes = args.modes.split(',')
+    if modes == ['loader']:
+        for read in args.loader_reads.split(','):
+            if read not in LOADER_READS:
+                raise SystemExit(f'unknown --loader_reads entry {read!r}; choose from {LOADER_READS}')
+            print(json.dumps(in_fresh_process(measure_loader, args, read)), flush=True)
+        return
     if modes == ['memory']:
         prev = None
         for length in map(int, args.lengths.split(',')):

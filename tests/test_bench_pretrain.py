@@ -49,7 +49,9 @@ def test_original_step_equals_ours(semantic):
     assert mask.sum() > 0
     valid = bench.LVMAE.valid_mask(lengths, L)
     assert torch.allclose(pred[valid], pred_o[:, :L][valid], atol=1e-5)
-    assert abs(loss.item() - loss_o.item()) < 1e-6
+    assert abs(loss.item() - loss_o.item()) < 1e-6     # the default reduction is the release's
+    video = model.forward_loss(x[:, :L], pred, mask, reduction='video')
+    assert abs(video.item() - loss_o.item()) > 1e-5     # and differs from the mean of per-video means
     assert g.keys() == g_o.keys() and len(g) == len(list(model.parameters())) - 2   # all but the pos tables
     for n in g:
         assert torch.allclose(g[n], g_o[n], rtol=1e-4, atol=1e-6), n
@@ -84,3 +86,21 @@ def test_presets_and_overrides():
     assert bench.parse_lengths('12-36') == (12, 36) and bench.parse_lengths('256') == (256, 256)
     with pytest.raises(SystemExit):
         bench.parse_args(['--steps', '0'])
+
+
+def test_loader_bench_reads_the_same_samples_every_way(tmp_path):
+    args = bench.parse_args(['--preset', 'loader', '--quick', '--input_size', '16', '--lengths', '20-60',
+                             '--num_patches', '16', '--batch_size', '4'])
+    assert bench.parse_args(['--preset', 'loader']).lengths == '100-800'
+    store = bench.write_loader_data(str(tmp_path), args, 'store', 4)
+    legacy = bench.write_loader_data(str(tmp_path), args, 'legacy', 4)
+    window, whole = (cls(store, 16, 16, 0.5) for cls in (bench.PretrainDataset, bench.WholeFileDataset))
+    pt = bench.PretrainDataset(legacy, 16, 16, 0.5)
+    for i in range(4):   # the same windows and noise; the store holds normalised float16, the .pt files raw float16
+        (a, na), (b, nb), (c, nc) = window[i], whole[i], pt[i]
+        assert torch.equal(a, b) and torch.equal(na, nb) and torch.equal(na, nc)
+        assert torch.allclose(a, c, atol=2e-3)
+    for read in bench.LOADER_READS:
+        r = bench.measure_loader(args, read)
+        assert r['measure'] == 'loader' and r['read'] == read and r['samples_per_s'] > 0
+        assert 2 <= r['mean_window'] <= 16

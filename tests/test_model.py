@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from models_lvmae import LVMAE, lvmae_paper
-from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from util.checkpoint import CheckpointError, checkpoint_args, load_checkpoint, load_model_state, save_checkpoint
+from util.errors import InputError
 
 D = 32
 
@@ -182,13 +183,56 @@ class _Opaque:   # an object that weights-only loading refuses
     pass
 
 
-def test_checkpoint_with_other_objects_loads_with_a_warning(tmp_path, capsys):
+def test_checkpoint_with_other_objects_needs_trust(tmp_path, capsys):
     model = tiny()
     path = tmp_path / 'original.pth'
     save_checkpoint(path, {'model': model.state_dict(), 'args': argparse.Namespace(extra=_Opaque())})
-    ckpt = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match='--trust_checkpoint') as e:
+        load_checkpoint(path)
+    assert 'Unsupported global' in str(e.value) and '_Opaque' in str(e.value) and '\n' not in str(e.value)
+    assert isinstance(e.value, InputError)
+    ckpt = load_checkpoint(path, trust=True)
     assert 'full unpickling' in capsys.readouterr().out
     assert torch.equal(ckpt['model']['cls_token'], model.cls_token)
     (tmp_path / 'bad.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(RuntimeError, match='bad.pth: unreadable checkpoint'):
         load_checkpoint(tmp_path / 'bad.pth')
+
+
+def test_original_release_args_namespace_loads_safely(tmp_path):
+    path = tmp_path / 'original.pth'
+    save_checkpoint(path, {'model': tiny().state_dict(), 'args': argparse.Namespace(num_heads=4, blr=1e-3)})
+    assert checkpoint_args(load_checkpoint(path)) == {'num_heads': 4, 'blr': 1e-3}
+
+
+# ---------------------------------------------------------------- loss reduction
+def test_default_loss_is_the_mean_over_all_masked_tokens_of_the_batch():
+    model = tiny()
+    x, n = batch([4, 20, 11], seed=3)
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    mask[0, [1]] = True
+    mask[1, 2:14] = True
+    mask[2, [0, 5, 9]] = True
+    loss, pred, m = model(x, n, mask=mask)
+    per_token = [((pred[b, t] - x[b, t]) ** 2).mean() for b in range(3) for t in range(20) if mask[b, t]]
+    assert len(per_token) == 16 and m.sum() == 16
+    torch.testing.assert_close(loss, torch.stack(per_token).mean(), rtol=1e-6, atol=1e-7)
+    total, count = model.forward_loss(x, pred, mask, reduction='sum')
+    torch.testing.assert_close(total / count, loss)
+    # per-video means weigh the 1-token video as much as the 12-token one: a different number
+    per_video = [((pred[b, mask[b]] - x[b, mask[b]]) ** 2).mean() for b in range(3)]
+    assert abs(torch.stack(per_video).mean() - loss) > 1e-4
+
+
+def test_video_reduction_is_the_mean_of_per_video_means():
+    model = tiny(loss_reduction='video')
+    x, n = batch([4, 20, 11], seed=3)
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    mask[0, [1]] = True
+    mask[1, 2:14] = True
+    mask[2, [0, 5, 9]] = True
+    loss, pred, _ = model(x, n, mask=mask)
+    per_video = [((pred[b, mask[b]] - x[b, mask[b]]) ** 2).mean() for b in range(3)]
+    torch.testing.assert_close(loss, torch.stack(per_video).mean(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match='loss_reduction'):
+        tiny(loss_reduction='tokens')

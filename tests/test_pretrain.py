@@ -13,9 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import main_pretrain
 import models_lvmae
 import util.misc as misc
-from util.checkpoint import load_checkpoint
-from util.datasets import PretrainDataset, collate_pretrain
-from util.embeddings import EmbeddingError, embedding_path, save_video_embeddings
+from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from util.datasets import PretrainDataset, VideoRows, collate_pretrain, tile_short
+from util.embeddings import EmbeddingError, embedding_path, load_row, read_csv, save_video_embeddings
+from util.errors import InputError
+from util.fileio import FolderLock
 
 D = 32
 TINY = ['--input_size', str(D), '--depth', '2', '--num_heads', '2', '--decoder_embed_dim', '16',
@@ -84,12 +86,28 @@ def test_train_windows_are_consecutive_random_and_reproducible(tmp_path):
     assert len(starts) > 3 and len(lengths) > 3
 
 
+def test_window_lengths_as_released():
+    """randint(10, num_patches * 5) // 5 segments: 2 to num_patches, 2 included."""
+    ds = PretrainDataset.__new__(PretrainDataset)
+    ds.train, ds.num_patches = True, 16
+    rng = np.random.default_rng(0)
+    n = [ds._window(1000, rng) for _ in range(3000)]
+    sizes = np.array([b - a for a, b in n])
+    assert sizes.min() == 2 and sizes.max() == 16
+    assert abs((sizes == 2).mean() - 5 / 71) < 0.02           # 10..14 of 10..80 give 2
+    assert all(0 <= a and b <= 1000 for a, b in n)
+
+
 def test_tiling_cut_replacement_and_eval_mode(tmp_path):
     csv = make_csv(str(tmp_path), [1, 3, 40])
+    one = torch.randn(1, D)
+    assert torch.equal(tile_short(one, 1), one.repeat(8, 1))
     val = PretrainDataset(csv, D, 8, 0.5, train=False)
-    one, three = val[0][0], val[1][0]
-    assert one.shape[0] == 8 and torch.equal(one, one[:1].repeat(8, 1))               # < 2 segments: 8 times
+    three = val[1][0]
     assert three.shape[0] == 8 and torch.equal(three[:6], three[:3].repeat(2, 1))     # < 5: 3 times, then cut
+    # 1 segment keeps int(1 * 0.5) = 0 tokens: replaced by another video (deterministically)
+    x0 = val[0][0]
+    assert x0.shape[0] == 8 and torch.equal(x0, val[0][0]) and torch.unique(x0, dim=0).shape[0] > 1
     ds = PretrainDataset(csv, D, 12, 0.5)
     for epoch in range(6):
         ds.set_epoch(epoch)
@@ -97,10 +115,6 @@ def test_tiling_cut_replacement_and_eval_mode(tmp_path):
         assert x.shape[0] in (6, 9) and torch.equal(x, x[:x.shape[0] // 3].repeat(3, 1))
         x = ds[2][0]                                   # long video: a window of 2..12 segments, never tiled
         assert 2 <= x.shape[0] <= 12 and torch.unique(x, dim=0).shape[0] == x.shape[0]
-    # mask ratio 0.9: 8 tiled tokens keep int(8 * 0.1) = 0, so video 0 is replaced (deterministically)
-    ds = PretrainDataset(csv, D, 12, 0.9)
-    first = [ds[0][0] for _ in range(2)]
-    assert int(first[0].shape[0] * 0.1) > 0 and torch.equal(first[0], first[1])
     # validation: the first num_patches segments and the same noise at every epoch
     val = PretrainDataset(csv, D, 12, 0.5, train=False)
     x0, n0 = val[2]
@@ -108,6 +122,62 @@ def test_tiling_cut_replacement_and_eval_mode(tmp_path):
     x5, n5 = val[2]
     assert x0.shape[0] == 12 and torch.equal(x0, x5) and torch.equal(n0, n5)
     assert torch.equal(x0, PretrainDataset(csv, D, 40, 0.5, train=False)[2][0][:12])
+
+
+def test_video_too_short_for_a_visible_token_is_replaced_before_tiling(tmp_path):
+    """At mask ratio 0.7 a 3-segment video keeps int(3 * 0.3) = 0 tokens: replaced, as released (its
+    tiled window of 9 tokens would keep 2, but the release decided on the whole video)."""
+    csv = make_csv(str(tmp_path), [3, 40])
+    full = PretrainDataset(csv, D, 100, 0.5, train=False)[1][0]
+    ds = PretrainDataset(csv, D, 12, 0.7, seed=1)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        x, noise = ds[0]
+        start = int(torch.cdist(x[:1], full).argmin())
+        assert torch.equal(x, full[start:start + x.shape[0]])        # a window of the 40-segment video
+        assert torch.equal(ds[0][0], x) and noise.shape == (x.shape[0],)
+
+
+@pytest.mark.parametrize('dtype', [np.float16, np.float32])
+def test_window_read_equals_slicing_the_full_load(tmp_path, dtype):
+    folder = str(tmp_path)
+    path = embedding_path(folder, 'v')
+    save_video_embeddings(path, np.random.default_rng(0).standard_normal((300, D)), np.arange(300.),
+                          np.arange(1, 301.), dtype=dtype)
+    row = {'video_id': 'v', 'row': 1, 'source': path}
+    full = load_row(row, D)
+    legacy = []
+    for i in range(20):    # the original release's layout: one .pt per segment
+        p = os.path.join(folder, f'seg{i}.pt')
+        torch.save({'embedding': torch.from_numpy(np.random.default_rng(i).standard_normal(D)), 'start': 5 * i,
+                    'end': 5 * i + 5}, p)
+        legacy.append(p)
+    legacy_row = {'video_id': 'w', 'row': 2, 'source': legacy}
+    with VideoRows(row, D) as v, VideoRows(legacy_row, D) as w:
+        assert len(v) == 300 and len(w) == 20
+        for a, b in [(0, 300), (7, 19), (44, 300), (299, 300)]:
+            assert torch.equal(v.read(a, b), full[a:b])
+        assert torch.equal(w.read(3, 11), load_row(legacy_row, D)[3:11])
+
+
+def test_window_read_errors_name_the_row(tmp_path):
+    folder = str(tmp_path)
+    emb = np.random.default_rng(0).standard_normal((50, D))
+    emb[30] = np.nan
+    path = embedding_path(folder, 'v')
+    save_video_embeddings(path, emb, np.arange(50.), np.arange(1, 51.), dtype=np.float32)
+    row = {'video_id': 'v', 'row': 4, 'source': path}
+    with VideoRows(row, D, 'x.csv') as v:
+        assert torch.isfinite(v.read(0, 30)).all()                 # the window before the NaN is fine
+        with pytest.raises(EmbeddingError, match=r'x.csv row 4 \(video v\): .*non-finite value'):
+            v.read(20, 40)
+    with open(path, 'r+b') as f:                                  # a file cut short by a crash
+        f.truncate(os.path.getsize(path) - 100)
+    with VideoRows(row, D, 'x.csv') as v, pytest.raises(EmbeddingError, match='x.csv row 4.*truncated'):
+        v.read(40, 50)
+    open(path, 'wb').write(b'junk')
+    with pytest.raises(EmbeddingError, match='x.csv row 4.*unreadable embedding file'):
+        VideoRows(row, D, 'x.csv')
 
 
 def test_collate_pads_to_longest():
@@ -149,7 +219,7 @@ def test_bad_input_names_file_and_row(tmp_path):
 
 
 def test_world_size_must_match_launch(data):
-    with pytest.raises(SystemExit, match='--world_size 8'):
+    with pytest.raises(InputError, match='--world_size 8'):
         run_main(TINY + ['--data_path', data['folder'], '--world_size', '8', '--output_dir', data['folder']])
 
 
@@ -177,6 +247,7 @@ def grads_and_params(path):
     return grads, ckpt['model']
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(data, tmp_path):
     common = TINY + ['--data_path', data['train'], '--epochs', '1', '--lr', '1e-3', '--warmup_epochs', '0',
                      '--max_steps_per_epoch', '1']
@@ -248,3 +319,128 @@ def test_encoder_width_other_than_embedding_size(data, tmp_path):
     sd = params(os.path.join(out, 'checkpoint-0.pth'))
     assert tuple(sd['input_proj.weight'].shape) == (24, D)
     assert tuple(sd['decoder_pred.weight'].shape)[0] == D and tuple(sd['pos_embed'].shape)[-1] == 24
+
+
+# ---------------------------------------------------------------- recipe and hardening
+@pytest.fixture(scope='module')
+def short_run(data, tmp_path_factory):
+    """One step of one epoch with the default learning rate (no --lr, no --blr)."""
+    out = str(tmp_path_factory.mktemp('short'))
+    run_main(TINY + ['--data_path', data['train'], '--output_dir', out, '--batch_size', '4', '--epochs', '1',
+                     '--max_steps_per_epoch', '1', '--accum_iter', '2'])
+    return os.path.join(out, 'checkpoint-0.pth')
+
+
+def test_default_lr_is_the_released_blr(short_run):
+    args = load_checkpoint(short_run)['args']        # a plain dict: loads with weights_only
+    assert isinstance(args, dict) and args['blr'] == 1e-3
+    assert args['lr'] == pytest.approx(1e-3 * 4 * 2 / 256, rel=1e-12)
+
+
+class _WritesMarker:
+    """Unpickling this runs code: it creates the file ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_checkpoint_with_code_is_never_unpickled_without_the_flag(data, short_run, tmp_path):
+    marker = str(tmp_path / 'marker')
+    ckpt = load_checkpoint(short_run)
+    evil = os.path.join(str(tmp_path), 'evil.pth')
+    torch.save({**ckpt, 'args': _WritesMarker(marker)}, evil)
+    common = TINY + ['--data_path', data['train'], '--batch_size', '4', '--epochs', '2', '--max_steps_per_epoch', '1']
+    with pytest.raises(CheckpointError, match='--trust_checkpoint') as e:
+        run_main(common + ['--output_dir', str(tmp_path / 'a'), '--resume', evil])
+    assert 'Unsupported global' in str(e.value) and 'open' in str(e.value) and not os.path.exists(marker)
+    auto = tmp_path / 'auto'
+    auto.mkdir()
+    os.replace(evil, auto / 'checkpoint-0.pth')                 # found by auto-resume: never trusted
+    with pytest.raises(CheckpointError, match='auto-resume'):
+        run_main(common + ['--output_dir', str(auto), '--trust_checkpoint'])
+    assert not os.path.exists(marker)
+    run_main(common + ['--output_dir', str(tmp_path / 'b'), '--resume', str(auto / 'checkpoint-0.pth'),
+                       '--trust_checkpoint'])                   # the user's explicit choice
+    assert os.path.exists(marker) and os.path.exists(tmp_path / 'b' / 'checkpoint-1.pth')
+
+
+def test_resume_with_other_heads_is_an_error(data, short_run, tmp_path):
+    with pytest.raises(CheckpointError, match=r'--num_heads 4 \(checkpoint: 2\)'):
+        run_main(TINY + ['--data_path', data['train'], '--output_dir', str(tmp_path), '--resume', short_run,
+                         '--epochs', '2', '--num_heads', '4'])
+
+
+def test_second_run_on_a_locked_folder_stops(data, tmp_path):
+    with FolderLock(str(tmp_path), 'pretraining run'):
+        with pytest.raises(InputError, match='another pretraining run is using this output folder'):
+            run_main(TINY + ['--data_path', data['train'], '--output_dir', str(tmp_path)])
+    assert not any(f.startswith('checkpoint') for f in os.listdir(tmp_path))
+
+
+def test_output_folder_that_cannot_be_made(data, tmp_path):
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(InputError, match='cannot create or write the output folder'):
+        run_main(TINY + ['--data_path', data['train'], '--output_dir', str(tmp_path / 'file' / 'out')])
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--mask_ratio', '0'], '--mask_ratio: must be between 0 and 1'),
+    (['--mask_ratio', '-0.2'], '--mask_ratio: must be between 0 and 1'),
+    (['--mask_ratio', '1'], '--mask_ratio: must be between 0 and 1'),
+    (['--batch_size', '0'], '--batch_size: must be at least 1'),
+    (['--epochs', '0'], '--epochs: must be at least 1'),
+    (['--num_patches', '0'], '--num_patches: must be at least 2'),
+    (['--num_patches', '1'], '--num_patches: must be at least 2'),
+    (['--accum_iter', '0'], '--accum_iter: must be at least 1'),
+    (['--save_every', '0'], '--save_every: must be at least 1'),
+    (['--eval_every', '0'], '--eval_every: must be at least 1'),
+    (['--print_freq', '0'], '--print_freq: must be at least 1'),
+    (['--num_heads', '3'], '--num_heads: must divide the encoder width 32'),
+    (['--decoder_num_heads', '3'], '--decoder_num_heads: must divide --decoder_embed_dim 16'),
+    (['--warmup_epochs', '-1'], '--warmup_epochs: must not be negative'),
+    (['--lr', '0'], '--lr: must be positive'),
+])
+def test_flags_are_checked_at_start(data, tmp_path, flags, words):
+    with pytest.raises(InputError, match='argument ' + words):
+        run_main(TINY + ['--data_path', data['train'], '--output_dir', str(tmp_path)] + flags)
+    assert os.listdir(tmp_path) == []        # nothing written
+
+
+def test_resume_keeps_earlier_log_lines_and_sweeps_stale_temporary_files(data, tmp_path):
+    out = str(tmp_path)
+    common = TINY + ['--data_path', data['train'], '--batch_size', '4', '--max_steps_per_epoch', '1',
+                     '--output_dir', out, '--save_every', '2']
+    run_main(common + ['--epochs', '3'])           # checkpoints 1 and 2 (the last), log 0 1 2
+    os.remove(os.path.join(out, 'checkpoint-2.pth'))   # as if killed after logging epoch 2
+    with open(os.path.join(out, 'log.txt'), 'a') as f:
+        f.write('{"train_loss": 0.1, "ep')                          # a line cut by the kill
+    stale = [os.path.join(out, n) for n in ('.checkpoint-2.pth.abc123.tmp', '.log.txt.x1y2.tmp')]
+    for p in stale + [os.path.join(out, '.other.tmp')]:
+        open(p, 'w').close()
+    run_main(common + ['--epochs', '4'])           # resumes at epoch 2
+    epochs = [json.loads(line)['epoch'] for line in open(os.path.join(out, 'log.txt'))]
+    assert epochs == [0, 1, 2, 3]
+    assert not any(os.path.exists(p) for p in stale) and os.path.exists(os.path.join(out, '.other.tmp'))
+
+
+@pytest.mark.slow
+def test_command_line_errors_are_one_line(data, tmp_path):
+    """A bad CSV row read inside a DataLoader worker, and a bad flag: ``error: ...``, exit 2, no traceback."""
+    folder = str(tmp_path)
+    csv = make_csv(folder, [6, 7, 8, 9])
+    df = pd.read_csv(csv)
+    df.loc[2, 'embedding_path'] = 'emb/missing.safetensors'
+    df.to_csv(csv, index=False)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    base = [sys.executable, 'main_pretrain.py'] + TINY + ['--data_path', csv, '--device', 'cpu']
+    for extra, words in [(['--num_workers', '1', '--batch_size', '4', '--output_dir', str(tmp_path / 'a')],
+                          f'error: {csv} row 3 (video combined_2): '),
+                         (['--batch_size', '0', '--output_dir', str(tmp_path / 'b')],
+                          'error: argument --batch_size: must be at least 1, got 0')]:
+        r = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(words) and 'Traceback' not in r.stderr, r.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Distributed set-up (torchrun), metric logging, checkpoint save and resume, in the style of MAE."""
 import datetime
 import glob
+import json
 import os
 import re
 import time
@@ -9,7 +10,10 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from util.checkpoint import load_checkpoint, load_model_state, model_state, save_checkpoint
+from util.checkpoint import (CheckpointError, checkpoint_args, load_checkpoint, load_model_state, model_state,
+                             plain_args, save_checkpoint)
+from util.errors import InputError
+from util.fileio import atomic_write_text
 
 
 # ---------------------------------------------------------------- distributed
@@ -19,7 +23,7 @@ def init_distributed_mode(args):
     env_world = int(os.environ.get('WORLD_SIZE', 1))
     if args.world_size is not None and args.world_size != env_world:
         how = 'torchrun reports' if 'WORLD_SIZE' in os.environ else 'a plain python launch is'
-        raise SystemExit(f'--world_size {args.world_size} but {how} {env_world} process(es); launch with '
+        raise InputError(f'--world_size {args.world_size} but {how} {env_world} process(es); launch with '
                          f'torchrun --nproc_per_node N (times --nnodes) matching --world_size, or drop --world_size')
     args.world_size = env_world
     args.rank = int(os.environ.get('RANK', 0))
@@ -28,7 +32,7 @@ def init_distributed_mode(args):
     args.gpu = int(os.environ['LOCAL_RANK']) if 'LOCAL_RANK' in os.environ else torch.device(args.device).index or 0
     if args.device.startswith('cuda'):
         if not torch.cuda.is_available():
-            raise SystemExit(f'--device {args.device} but CUDA is not available; use --device cpu')
+            raise InputError(f'--device {args.device} but CUDA is not available; use --device cpu')
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
     if args.distributed:
@@ -39,15 +43,17 @@ def init_distributed_mode(args):
 
 
 def setup_for_distributed(is_master):
-    """Only the main process prints (``print(..., force=True)`` prints everywhere)."""
+    """Only the main process prints (``print(..., force=True)`` prints everywhere); console lines start
+    with the time."""
     import builtins
     builtin_print = builtins.__dict__.get('_lvmae_print', builtins.print)
     builtins._lvmae_print = builtin_print
 
     def print_fn(*args, **kwargs):
         if is_master or kwargs.pop('force', False):
-            now = datetime.datetime.now().strftime('%H:%M:%S')
-            builtin_print(f'[{now}]', *args, **kwargs)
+            if kwargs.get('file') is None:   # console lines get the time; other files (stderr) as given
+                args = (datetime.datetime.now().strftime('[%H:%M:%S]'),) + args
+            builtin_print(*args, **kwargs)
     builtins.print = print_fn
 
 
@@ -121,7 +127,7 @@ def save_model(args, epoch, model_without_ddp, optimizer, scaler):
     if is_main_process():
         path = os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')
         save_checkpoint(path, {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                               'epoch': epoch, 'scaler': scaler.state_dict(), 'args': args})
+                               'epoch': epoch, 'scaler': scaler.state_dict(), 'args': plain_args(args)})
         print(f'saved {path}')
     if is_dist():
         dist.barrier()
@@ -137,9 +143,21 @@ def newest_checkpoint(output_dir):
     return max(found)[1] if found else None
 
 
-def resume(args, model_without_ddp, optimizer, scaler):
+def check_same_architecture(ckpt_args, args, path, keys):
+    """Resuming with other architecture flags than the checkpoint's is an error (shapes are checked
+    when loading the weights; this catches the others, such as the number of heads)."""
+    diff = [f'--{k} {getattr(args, k)} (checkpoint: {ckpt_args[k]})' for k in keys
+            if k in ckpt_args and hasattr(args, k) and ckpt_args[k] != getattr(args, k)]
+    if diff:
+        raise CheckpointError(f'{path}: this run\'s architecture differs from the checkpoint\'s: '
+                              f'{", ".join(diff)}; use the checkpoint\'s values')
+
+
+def resume(args, model_without_ddp, optimizer, scaler, arch_keys=()):
     """Load ``--resume`` or, unless ``--no_auto_resume``, the newest checkpoint in ``--output_dir``;
-    sets ``args.start_epoch`` to the epoch after the checkpoint's."""
+    sets ``args.start_epoch`` to the epoch after the checkpoint's. Full unpickling only for ``--resume``
+    with ``--trust_checkpoint``, never for a checkpoint found by auto-resume. ``arch_keys``: flags that
+    must equal the checkpoint's."""
     path = args.resume or (None if args.no_auto_resume else newest_checkpoint(args.output_dir))
     if is_dist():   # every process resumes from rank 0's choice (its folder may be the only one written to)
         choice = [path]
@@ -147,7 +165,15 @@ def resume(args, model_without_ddp, optimizer, scaler):
         path = choice[0]
     if not path:
         return
-    ckpt = load_checkpoint(path)
+    trust = bool(args.resume) and getattr(args, 'trust_checkpoint', False)
+    try:
+        ckpt = load_checkpoint(path, trust=trust)
+    except CheckpointError as e:
+        if args.resume:
+            raise
+        raise CheckpointError(f'{e} (found by auto-resume in --output_dir; --trust_checkpoint applies to '
+                              f'--resume only)') from None
+    check_same_architecture(checkpoint_args(ckpt), args, path, arch_keys)
     load_model_state(model_without_ddp, model_state(ckpt), path)
     if 'optimizer' in ckpt and 'epoch' in ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -157,3 +183,39 @@ def resume(args, model_without_ddp, optimizer, scaler):
         print(f'resumed from {path}: continuing at epoch {args.start_epoch}')
     else:
         print(f'loaded model weights from {path} (no optimizer state: starting at epoch {args.start_epoch})')
+
+
+# ---------------------------------------------------------------- output folder
+STALE_TMP_PATTERNS = ('.checkpoint-*.tmp', '.log.txt.*.tmp')
+
+
+def sweep_stale_tmp(output_dir):
+    """Remove temporary files left by a killed checkpoint or log write (``atomic_write``'s names).
+    Call only while holding the folder's lock: no other run can be writing them."""
+    removed = []
+    for pattern in STALE_TMP_PATTERNS:
+        for p in glob.glob(os.path.join(glob.escape(output_dir), pattern)):
+            os.remove(p)
+            removed.append(os.path.basename(p))
+    if removed:
+        print(f'removed {len(removed)} temporary file(s) of an interrupted write: {", ".join(sorted(removed))}')
+    return removed
+
+
+def trim_log(output_dir, start_epoch):
+    """Keep only the ``log.txt`` lines of epochs before ``start_epoch`` (rewritten atomically), so that a
+    resumed run does not log the epochs after its checkpoint twice; lines that are not a JSON object
+    with an ``epoch`` (a line cut by a kill) go too."""
+    path = os.path.join(output_dir, 'log.txt')
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                epoch = json.loads(line)['epoch']
+            except (ValueError, TypeError, KeyError):
+                continue
+            if isinstance(epoch, int) and epoch < start_epoch:
+                keep.append(line if line.endswith('\n') else line + '\n')
+    atomic_write_text(path, ''.join(keep))
