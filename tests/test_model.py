@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from models_lvmae import LVMAE, lvmae_paper
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from util.errors import InputError
 
 D = 32
 
@@ -186,7 +187,9 @@ def test_checkpoint_with_other_objects_loads_with_a_warning(tmp_path, capsys):
     model = tiny()
     path = tmp_path / 'original.pth'
     save_checkpoint(path, {'model': model.state_dict(), 'args': argparse.Namespace(extra=_Opaque())})
-    ckpt = load_checkpoint(path)
+    with pytest.raises(InputError, match='--trust_checkpoint'):   # never unpickled without consent
+        load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust=True)
     assert 'full unpickling' in capsys.readouterr().out
     assert torch.equal(ckpt['model']['cls_token'], model.cls_token)
     (tmp_path / 'bad.pth').write_bytes(b'not a checkpoint')

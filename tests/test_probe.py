@@ -1,4 +1,4 @@
-"""Attentive / linear probing (engine_probe.py) on generated embeddings with a known signal."""
+"""Attentive / linear probing (main_probe.py, engine_probe.py) on generated embeddings with a known signal."""
 import argparse
 import json
 import os
@@ -11,10 +11,13 @@ import pytest
 import torch
 
 import engine_probe as ep
+import main_probe as mp
+from models_probe import APHead, HeadGrid
 from models_lvmae import LVMAE
 from util.checkpoint import save_checkpoint
 from util.embeddings import EmbeddingError, embedding_path, save_video_embeddings
-from util.tasks import Task
+from util.features import Items
+from util.tasks import SPLITS, Task
 
 D = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,9 +87,9 @@ def data(tmp_path_factory):
         return emb, float(torch.nn.functional.normalize(emb, dim=-1).mean(0) @ w)
     write_task(root, 'reg', {s: [reg_video() for _ in range(n)] for s, n in
                              (('train', 160), ('val', 40), ('test', 40))}, 1, regression=True)
-    write_task(root, 'gone', {s: [mix_video(0), mix_video(1)] for s in ep.SPLITS}, 4, missing=('test',))
-    write_task(root, 'badlabel', {s: [mix_video(0), mix_video(1), mix_video(3)] for s in ep.SPLITS}, 3)
-    write_task(root, 'holes', {s: [mix_video(0), mix_video(1)] for s in ep.SPLITS}, 4)
+    write_task(root, 'gone', {s: [mix_video(0), mix_video(1)] for s in SPLITS}, 4, missing=('test',))
+    write_task(root, 'badlabel', {s: [mix_video(0), mix_video(1), mix_video(3)] for s in SPLITS}, 3)
+    write_task(root, 'holes', {s: [mix_video(0), mix_video(1)] for s in SPLITS}, 4)
     os.remove(embedding_path(os.path.join(root, 'embeddings'), 'holes_val_1'))
 
     # an encoder that adds positions, saved in the original release's layout (args = Namespace, names
@@ -104,15 +107,15 @@ def data(tmp_path_factory):
 
 
 def run(data, probe, task, *flags, out='out'):
-    args = ep.get_args_parser(probe).parse_args(
+    args = mp.get_args_parser(probe).parse_args(
         ['--task', *task.split(), '--data_path', data['root'], '--output_dir', os.path.join(data['root'], out),
          '--device', 'cpu', '--epochs', '8', '--num_heads', '4', *flags])
-    return ep.main(args)
+    return mp.main(args)
 
 
 def test_ap_head_equals_timm_block_at_cls():
     torch.manual_seed(0)
-    head = ep.APHead(D, 3, num_heads=8)
+    head = APHead(D, 3, num_heads=8)
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x, lengths = torch.randn(4, 7, D), torch.tensor([7, 3, 1, 5])
@@ -183,13 +186,13 @@ def test_bad_inputs_name_file_row_or_parameter(data):
 
 def test_long_video_windows():
     seqs = [torch.randn(5, D), torch.randn(2, D)]
-    first = ep.Items.from_videos(seqs, torch.tensor([0, 1]), 2, long_video=False)
+    first = Items.from_videos(seqs, torch.tensor([0, 1]), 2, long_video=False)
     assert first.length.tolist() == [2, 2] and torch.equal(first.data[:2], seqs[0][:2])
-    items = ep.Items.from_videos(seqs, torch.tensor([0, 1]), 2, long_video=True)
+    items = Items.from_videos(seqs, torch.tensor([0, 1]), 2, long_video=True)
     assert items.length.tolist() == [2, 2, 1, 2] and items.video.tolist() == [0, 0, 0, 1]
     torch.manual_seed(0)
-    head = ep.APHead(D, 3, num_heads=8, prepend_cls=True)
-    out = ep.head_outputs(head, items, torch.tensor([1, 0]), None, 'cpu')
+    head = APHead(D, 3, num_heads=8, prepend_cls=True)
+    out = ep.head_outputs(HeadGrid(head, 1), items, torch.tensor([1, 0]), None, 'cpu')[0]
     windows = [head(w[None], torch.tensor([len(w)])) for w in seqs[0].split(2)]
     torch.testing.assert_close(out[1], torch.cat(windows).mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[0], head(seqs[1][None], torch.tensor([2]))[0], rtol=1e-5, atol=1e-6)

@@ -4,6 +4,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+SPLITS = ('train', 'val', 'test')   # the split names of every task folder: <task>/{train,val,test}.csv
+
 LVU_CLASSIFICATION = {  # paper's column order
     'relationship': 4, 'way_speaking': 5, 'scene': 6, 'director': 10, 'genre': 4, 'writer': 10, 'year': 9,
 }
