@@ -27,6 +27,8 @@ def load_checkpoint(path, trust=False):
     except FileNotFoundError:
         raise FileNotFoundError(f'{path}: checkpoint not found') from None
     except pickle.UnpicklingError as e:
+        if 'global' not in str(e).lower():   # not a refused Python object: not a checkpoint at all
+            raise RuntimeError(f'{path}: unreadable checkpoint ({str(e).splitlines()[0]})') from None
         if not trust:
             raise InputError(f'{path}: the checkpoint holds Python objects other than tensors and argparse args '
                              f'({str(e).splitlines()[0]}); loading it needs full unpickling, which can run code '

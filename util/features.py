@@ -14,6 +14,7 @@ from util.embeddings import EmbeddingError, load_row, read_csv, read_metadata
 from util.errors import InputError
 
 FEATURE_DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
+_MAX_LABEL = math.sqrt(float(np.finfo(np.float32).max))   # a larger target's squared error overflows float32
 
 
 class NonFiniteError(InputError):
@@ -129,7 +130,7 @@ def load_split(csv_path, task, input_size):
     for r in rows:
         y = r['label']
         where = f'{csv_path} row {r["row"]} (video {r["video_id"]})'
-        if not math.isfinite(y) or (task.regression and not math.isfinite(np.float32(y) ** 2)):
+        if not math.isfinite(y) or (task.regression and abs(y) >= _MAX_LABEL):
             raise NonFiniteError(f'{where}: label {y:g} is not a finite number whose square is finite in float32 '
                                  f'(task {task.name})')
         if not task.regression and (y != int(y) or not 0 <= y < task.num_classes):
