@@ -165,7 +165,7 @@ class EncoderSpec:
         self.num_patches = self.arch['num_patches']
         self.device = args.device
         if self.kind == 'pretrained':
-            model = LVMAE(**self.arch)
+            model = self._build()
             try:
                 load_model_state(model, sd, args.resume, strict=True, ignore_prefixes=DECODER_PREFIXES)
             except RuntimeError as e:
@@ -189,7 +189,11 @@ class EncoderSpec:
         if self.kind != 'random_init':
             return self.model
         torch.manual_seed(seed)
-        return LVMAE(**self.arch).eval().requires_grad_(False).to(self.device)
+        return self._build().eval().requires_grad_(False).to(self.device)
+
+    def _build(self):
+        # the probes use the encoder only: no decoder blocks (their weights are not loaded either)
+        return LVMAE(**{**self.arch, 'decoder_depth': 0})
 
 
 def cache_features(args, name, raw, encoder, cache_dir):
