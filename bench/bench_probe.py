@@ -1,4 +1,6 @@
-"""Time an attentive-probe run with the feature cache versus recomputing the frozen encoder every epoch.
+"""Time an attentive-probe run with the feature cache versus recomputing the frozen encoder every
+epoch, and a learning-rate x weight-decay sweep (3 x 2 heads trained together) versus a single head on
+the same cached features.
 
 LVU-sized synthetic task (random unit-norm segment embeddings, 12 to 36 segments per video, random
 labels: the timing does not depend on them), randomly initialised LV-MAE encoder of the paper's
@@ -10,6 +12,7 @@ run, and the speed-up. On a CPU, reduce ``--depth`` and measure the uncached run
     python bench/bench_probe.py                                  # paper width and depth, 30 epochs
     python bench/bench_probe.py --depth 4 --uncached_epochs 3   # CPU
     python bench/bench_probe.py --quick                          # seconds: smoke run of the script
+    python bench/bench_probe.py --mode sweep --depth 4           # sweep only (the encoder pass is shared)
 """
 import argparse
 import json
@@ -21,14 +24,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine_probe as ep  # noqa: E402
+import main_probe as mp  # noqa: E402
 from models_lvmae import LVMAE  # noqa: E402
+from util.features import Featurizer, Items  # noqa: E402
 from util.tasks import Task  # noqa: E402
 
 
 def synthetic_split(n, args, gen):
     lengths = torch.randint(args.min_len, args.max_len + 1, (n,), generator=gen)
     seqs = [torch.nn.functional.normalize(torch.randn(int(L), args.input_size, generator=gen), dim=-1) for L in lengths]
-    return ep.Items.from_videos(seqs, torch.randint(0, 6, (n,), generator=gen), 256, long_video=False)
+    return Items.from_videos(seqs, torch.randint(0, 6, (n,), generator=gen), 256, long_video=False)
 
 
 def main():
@@ -44,6 +49,9 @@ def main():
                    help='epochs actually run uncached (default --epochs); the rest is extrapolated')
     p.add_argument('--batch_size', default=16, type=int)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--probe', default='ap', choices=['ap', 'lp'])
+    p.add_argument('--mode', default='all', choices=['all', 'cache', 'sweep'],
+                   help='cache: cached vs uncached; sweep: a 3 x 2 (lr, weight decay) grid vs one head; all: both')
     p.add_argument('--quick', action='store_true', help='200 videos, depth 1, 3 epochs (uncached: 1)')
     args = p.parse_args()
     if args.quick:
@@ -56,11 +64,11 @@ def main():
     torch.manual_seed(0)
     encoder = LVMAE(num_patches=256, input_size=args.input_size, depth=args.depth, num_heads=args.num_heads,
                     decoder_depth=0).to(args.device).eval().requires_grad_(False)
-    featurizer = ep.Featurizer(encoder, pooled=False)
+    featurizer = Featurizer(encoder, pooled=args.probe == 'lp')
     task = Task('bench', 6)
-    run_args = argparse.Namespace(probe='ap', baseline=None, device=args.device, batch_size=args.batch_size,
-                                  lr=3e-4, lr_decay=None, weight_decay=0.0, epochs=args.epochs, head_num_heads=8)
-    common = {'bench': 'probe_ap', 'device': args.device, 'threads': torch.get_num_threads(),
+    run_args = mp.get_args_parser(args.probe).parse_args(
+        ['--device', args.device, '--batch_size', str(args.batch_size), '--epochs', str(args.epochs)])
+    common = {'bench': f'probe_{args.probe}', 'device': args.device, 'threads': torch.get_num_threads(),
               'train_videos': args.num_videos, 'segments': [args.min_len, args.max_len],
               'width': args.input_size, 'depth': args.depth, 'batch_size': args.batch_size, 'epochs': args.epochs}
 
@@ -68,28 +76,35 @@ def main():
         if args.device.startswith('cuda'):
             torch.cuda.synchronize()
 
-    t0 = time.perf_counter()
-    cached = {s: items.featurize(featurizer, 64, args.device) for s, items in raw.items()}
-    sync()
-    t1 = time.perf_counter()
-    ep.train_seed(run_args, task, cached, encoder.embed_dim, None, seed=0)
-    sync()
-    t2 = time.perf_counter()
-    cached_s = t2 - t0
-    print(json.dumps({**common, 'mode': 'cached', 'cache_s': round(t1 - t0, 3), 'train_s': round(t2 - t1, 3),
-                      'total_s': round(cached_s, 3)}), flush=True)
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
 
-    run_args.epochs = n_unc
-    t0 = time.perf_counter()
-    ep.train_seed(run_args, task, raw, encoder.embed_dim, featurizer, seed=0)
-    sync()
-    measured = time.perf_counter() - t0
-    uncached_s = measured * args.epochs / n_unc
-    print(json.dumps({**common, 'mode': 'uncached', 'epochs_run': n_unc, 'measured_s': round(measured, 3),
-                      'total_s': round(uncached_s, 3), 'extrapolated': n_unc < args.epochs}), flush=True)
-    print(json.dumps({**common, 'mode': 'speedup', 'speedup': round(uncached_s / cached_s, 2),
-                      'extrapolated': n_unc < args.epochs}), flush=True)
-
+    cached = {}
+    cache_s = timed(lambda: cached.update({s: items.featurize(featurizer, 64, args.device) for s, items in raw.items()}))
+    single = [(3e-4, 1e-3)]
+    train_s = timed(lambda: ep.train_seed(run_args, task, cached, encoder.embed_dim, None, 0, single))
+    if args.mode in ('all', 'cache'):
+        print(json.dumps({**common, 'mode': 'cached', 'cache_s': round(cache_s, 3), 'train_s': round(train_s, 3),
+                          'total_s': round(cache_s + train_s, 3)}), flush=True)
+        run_args.epochs = n_unc
+        measured = timed(lambda: ep.train_seed(run_args, task, raw, encoder.embed_dim, featurizer, 0, single))
+        run_args.epochs = args.epochs
+        uncached_s = measured * args.epochs / n_unc
+        print(json.dumps({**common, 'mode': 'uncached', 'epochs_run': n_unc, 'measured_s': round(measured, 3),
+                          'total_s': round(uncached_s, 3), 'extrapolated': n_unc < args.epochs}), flush=True)
+        print(json.dumps({**common, 'mode': 'speedup', 'speedup': round(uncached_s / (cache_s + train_s), 2),
+                          'extrapolated': n_unc < args.epochs}), flush=True)
+    if args.mode in ('all', 'sweep'):
+        grid = [(lr, wd) for lr in (1e-4, 3e-4, 1e-3) for wd in (1e-3, 1e-2)]
+        grid_s = timed(lambda: ep.train_seed(run_args, task, cached, encoder.embed_dim, None, 0, grid))
+        print(json.dumps({**common, 'mode': 'sweep', 'heads': len(grid), 'single_train_s': round(train_s, 3),
+                          'grid_train_s': round(grid_s, 3), 'train_ratio': round(grid_s / train_s, 2),
+                          'cache_s': round(cache_s, 3),
+                          'run_ratio': round((cache_s + grid_s) / (cache_s + train_s), 2)}), flush=True)
 
 if __name__ == '__main__':
     main()

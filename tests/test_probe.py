@@ -1,4 +1,4 @@
-"""Attentive / linear probing (engine_probe.py) on generated embeddings with a known signal."""
+"""Attentive / linear probing (main_probe.py, engine_probe.py) on generated embeddings with a known signal."""
 import argparse
 import json
 import os
@@ -11,10 +11,13 @@ import pytest
 import torch
 
 import engine_probe as ep
+import main_probe as mp
+from models_probe import APHead, HeadGrid
 from models_lvmae import LVMAE
 from util.checkpoint import save_checkpoint
 from util.embeddings import EmbeddingError, embedding_path, save_video_embeddings
-from util.tasks import Task
+from util.features import Items
+from util.tasks import SPLITS, Task
 
 D = 32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,9 +87,9 @@ def data(tmp_path_factory):
         return emb, float(torch.nn.functional.normalize(emb, dim=-1).mean(0) @ w)
     write_task(root, 'reg', {s: [reg_video() for _ in range(n)] for s, n in
                              (('train', 160), ('val', 40), ('test', 40))}, 1, regression=True)
-    write_task(root, 'gone', {s: [mix_video(0), mix_video(1)] for s in ep.SPLITS}, 4, missing=('test',))
-    write_task(root, 'badlabel', {s: [mix_video(0), mix_video(1), mix_video(3)] for s in ep.SPLITS}, 3)
-    write_task(root, 'holes', {s: [mix_video(0), mix_video(1)] for s in ep.SPLITS}, 4)
+    write_task(root, 'gone', {s: [mix_video(0), mix_video(1)] for s in SPLITS}, 4, missing=('test',))
+    write_task(root, 'badlabel', {s: [mix_video(0), mix_video(1), mix_video(3)] for s in SPLITS}, 3)
+    write_task(root, 'holes', {s: [mix_video(0), mix_video(1)] for s in SPLITS}, 4)
     os.remove(embedding_path(os.path.join(root, 'embeddings'), 'holes_val_1'))
 
     # an encoder that adds positions, saved in the original release's layout (args = Namespace, names
@@ -104,15 +107,15 @@ def data(tmp_path_factory):
 
 
 def run(data, probe, task, *flags, out='out'):
-    args = ep.get_args_parser(probe).parse_args(
+    args = mp.get_args_parser(probe).parse_args(
         ['--task', *task.split(), '--data_path', data['root'], '--output_dir', os.path.join(data['root'], out),
          '--device', 'cpu', '--epochs', '8', '--num_heads', '4', *flags])
-    return ep.main(args)
+    return mp.main(args)
 
 
 def test_ap_head_equals_timm_block_at_cls():
     torch.manual_seed(0)
-    head = ep.APHead(D, 3, num_heads=8)
+    head = APHead(D, 3, num_heads=8)
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x, lengths = torch.randn(4, 7, D), torch.tensor([7, 3, 1, 5])
@@ -183,13 +186,13 @@ def test_bad_inputs_name_file_row_or_parameter(data):
 
 def test_long_video_windows():
     seqs = [torch.randn(5, D), torch.randn(2, D)]
-    first = ep.Items.from_videos(seqs, torch.tensor([0, 1]), 2, long_video=False)
+    first = Items.from_videos(seqs, torch.tensor([0, 1]), 2, long_video=False)
     assert first.length.tolist() == [2, 2] and torch.equal(first.data[:2], seqs[0][:2])
-    items = ep.Items.from_videos(seqs, torch.tensor([0, 1]), 2, long_video=True)
+    items = Items.from_videos(seqs, torch.tensor([0, 1]), 2, long_video=True)
     assert items.length.tolist() == [2, 2, 1, 2] and items.video.tolist() == [0, 0, 0, 1]
     torch.manual_seed(0)
-    head = ep.APHead(D, 3, num_heads=8, prepend_cls=True)
-    out = ep.head_outputs(head, items, torch.tensor([1, 0]), None, 'cpu')
+    head = APHead(D, 3, num_heads=8, prepend_cls=True)
+    out = ep.head_outputs(HeadGrid(head, 1), items, torch.tensor([1, 0]), None, 'cpu')[0]
     windows = [head(w[None], torch.tensor([len(w)])) for w in seqs[0].split(2)]
     torch.testing.assert_close(out[1], torch.cat(windows).mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[0], head(seqs[1][None], torch.tensor([2]))[0], rtol=1e-5, atol=1e-6)
@@ -205,3 +208,218 @@ def test_cli_readme_command(data, tmp_path):
     assert res['probe'] == 'lp' and res['baseline'] is None and res['checkpoint'] == data['ours']
     assert len(res['tasks']['mix']['per_seed']) == 1 and (out / 'results.md').exists()
     assert any(f.startswith('events') for f in os.listdir(out / 'tensorboard' / 'mix' / 'seed0'))
+
+
+# ---------------------------------------------------------------------------------------- architecture
+def test_resolve_arch_order_flags_args_shapes_paper():
+    from models_lvmae import PAPER_CONFIG
+    from util.checkpoint import resolve_arch
+    sd = LVMAE(num_patches=16, input_size=D, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
+               decoder_num_heads=2).state_dict()
+    arch, notes = resolve_arch({}, sd, {})      # shapes only: heads unknown -> the paper's, and said so
+    assert (arch['num_patches'], arch['input_size'], arch['depth'], arch['mlp_ratio']) == (16, D, 2, 4.0)
+    assert arch['num_heads'] == PAPER_CONFIG['num_heads'] and notes == ['num_heads']
+    arch, notes = resolve_arch({'num_heads': 4, 'depth': 2, 'cos_loss': True}, sd, {'num_patches': 8})
+    assert arch['num_heads'] == 4 and arch['num_patches'] == 8 and not notes
+    assert arch['cos_loss'] is True    # any LVMAE keyword stored in the args is carried (e.g. an input scale)
+    with pytest.raises(ValueError, match='num_heads=4'):
+        resolve_arch({'num_heads': 4}, sd, {'num_heads': 2})
+    assert resolve_arch({}, {}, {})[0] == {k: v for k, v in PAPER_CONFIG.items()}
+
+
+def test_random_init_baseline_same_architecture_fresh_weights(data):
+    args = mp.get_args_parser('ap').parse_args(['--resume', data['release'], '--baseline', 'random_init',
+                                                '--device', 'cpu'])
+    spec = mp.EncoderSpec(args)
+    trained = torch.load(data['release'], weights_only=False)['model']
+    a, b, c = spec.encoder(0).state_dict(), spec.encoder(0).state_dict(), spec.encoder(1).state_dict()
+    encoder = {k[len('module.'):]: v.shape for k, v in trained.items() if not k.startswith('module.decoder_blocks')}
+    assert {k: v.shape for k, v in a.items()} == encoder   # the checkpoint's encoder (no decoder blocks)
+    assert all(torch.equal(a[k], b[k]) for k in a)                       # from the seed: reproducible
+    assert not torch.equal(a['blocks.0.attn.qkv.weight'], c['blocks.0.attn.qkv.weight'])   # per seed
+    # (the fixture's checkpoint was itself initialised from seed 0: seed 1 shows nothing is loaded)
+    assert not torch.equal(c['blocks.0.attn.qkv.weight'], trained['module.blocks.0.attn.qkv.weight'])
+    res = run(data, 'ap', 'order', '--resume', data['release'], '--baseline', 'random_init', '--epochs', '2',
+              '--seeds', '0', '1', out='random_init')
+    assert res['baseline'] == 'random_init' and len(res['tasks']['order']['per_seed']) == 2
+    md = open(os.path.join(data['root'], 'random_init', 'results.md')).read()
+    assert 'RANDOM INIT (no pretraining)' in md and 'release.pth' in md
+
+
+# ---------------------------------------------------------------------------------------- recipe
+def test_lr_follows_cosine_per_epoch_and_protocol_recorded(data):
+    res = run(data, 'lp', 'mix', '--baseline', 'raw', '--lr', '1e-2', '--epochs', '4', out='cosine')
+    log = [json.loads(line) for line in open(os.path.join(data['root'], 'cosine', 'log.txt'))]
+    assert [r['lr'] for r in log] == pytest.approx([1e-2 * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)])
+    p = res['protocol']
+    assert (p['optimizer'], p['amsgrad'], p['lr'], p['weight_decay'], p['drop_last']) == ('Adam', True, 1e-2, 1e-3, True)
+    assert p['schedule'].startswith('CosineAnnealingLR(T_max=4)') and 'later epoch' in p['selection']
+    assert json.load(open(os.path.join(data['root'], 'cosine', 'results.json')))['protocol'] == p
+
+
+def test_protocol_names_checkpoint_sha256_and_fp32_features(data):
+    import hashlib
+    res = run(data, 'lp', 'mix', '--resume', data['ours'], '--epochs', '1', out='proto')
+    p = res['protocol']
+    assert p['checkpoint'] == 'checkpoint-0.pth' and p['feature_dtype'] == 'fp32'
+    assert p['checkpoint_sha256'] == hashlib.sha256(open(data['ours'], 'rb').read()).hexdigest()
+
+
+def test_tied_val_scores_select_the_later_epoch(data):
+    # a learning rate of 1e-12 never changes a prediction: every epoch has the same val score
+    r = run(data, 'lp', 'mix', '--baseline', 'raw', '--lr', '1e-12', '--epochs', '5', out='ties')['tasks']['mix']
+    log = [json.loads(line) for line in open(os.path.join(data['root'], 'ties', 'log.txt'))]
+    assert len({e['val_top1'] for e in log}) == 1
+    assert r['per_seed'][0]['best_epoch'] == 4
+
+
+class _CountingItems(Items):
+    def batch(self, videos, device):
+        self.sizes.append(len(videos))
+        return super().batch(videos, device)
+
+
+@pytest.mark.parametrize('keep', [False, True])
+def test_train_loader_drops_the_partial_batch(keep):
+    torch.manual_seed(0)
+    seqs, labels = [torch.randn(3, D) for _ in range(20)], torch.arange(20) % 2
+    split = lambda: _CountingItems.from_videos(seqs, labels, 16, False)
+    data = {s: split() for s in SPLITS}
+    for it in data.values():
+        it.sizes = []
+    flags = ['--baseline', 'raw', '--epochs', '2', '--batch_size', '8', '--device', 'cpu'] + (['--keep_last_batch'] * keep)
+    ep.train_seed(mp.get_args_parser('lp').parse_args(flags), Task('t', 2), data, D, None, seed=0)
+    assert data['train'].sizes == ([8, 8, 4] if keep else [8, 8]) * 2
+
+
+def test_features_fp32_by_default():
+    from util.features import Featurizer
+    torch.manual_seed(0)
+    enc = LVMAE(num_patches=8, input_size=D, depth=1, num_heads=4, decoder_depth=0).eval()
+    x, lengths = torch.nn.functional.normalize(torch.randn(2, 5, D), dim=-1), torch.tensor([5, 3])
+    assert mp.get_args_parser('ap').parse_args([]).feature_dtype == 'fp32'
+    out, _ = Featurizer(enc, pooled=False)(x, lengths)
+    assert out.dtype == torch.float32 and torch.equal(out, enc.forward_features(x, lengths))
+    low, _ = Featurizer(enc, pooled=False, dtype='bf16')(x, lengths)
+    assert not torch.equal(low, out) and torch.allclose(low, out, atol=0.1)
+
+
+# ---------------------------------------------------------------------------------------- hardening
+def test_second_run_on_a_locked_folder_stops(data):
+    from util.errors import InputError
+    from util.fileio import FolderLock
+    with FolderLock(os.path.join(data['root'], 'locked'), 'probe run'):
+        with pytest.raises(InputError, match='another probe run is using this output folder'):
+            run(data, 'lp', 'mix', '--baseline', 'raw', '--epochs', '1', out='locked')
+    run(data, 'lp', 'mix', '--baseline', 'raw', '--epochs', '1', out='locked')   # released: free again
+
+
+def test_memory_mapped_cache_has_a_per_run_name(data, capsys):
+    run(data, 'ap', 'mix', '--resume', data['ours'], '--epochs', '1', '--cache_ram_gb', '0', out='mmap')
+    out = capsys.readouterr().out
+    assert f'feature_cache_{os.getpid()}_' in out
+    assert not [f for f in os.listdir(os.path.join(data['root'], 'mmap')) if f.startswith('feature_cache')]
+
+
+@pytest.fixture(scope='module')
+def nan_checkpoint(data):
+    torch.manual_seed(0)
+    enc = LVMAE(num_patches=16, input_size=D, depth=1, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
+                decoder_num_heads=2)
+    sd = enc.state_dict()
+    sd['blocks.0.mlp.fc2.bias'][0] = float('nan')
+    path = os.path.join(data['root'], 'nan.pth')
+    save_checkpoint(path, {'model': sd, 'args': {'num_heads': 4}})
+    return path
+
+
+def test_nan_checkpoint_stops_at_feature_check(data, nan_checkpoint):
+    from util.features import NonFiniteError
+    with pytest.raises(NonFiniteError, match=r'task mix, train split: features .* not finite'):
+        run(data, 'ap', 'mix', '--resume', nan_checkpoint, '--epochs', '1', out='nan')
+
+
+def test_nan_checkpoint_uncached_stops_naming_task_seed_epoch(data, nan_checkpoint):
+    from util.features import NonFiniteError
+    with pytest.raises(NonFiniteError, match=r'task mix, seed 3, epoch 0: training loss is nan'):
+        run(data, 'lp', 'mix', '--resume', nan_checkpoint, '--epochs', '1', '--no_cache', '--seeds', '3', out='nan2')
+
+
+def test_huge_regression_labels_stop(data, tmp_path):
+    from util.features import NonFiniteError
+    rng = np.random.default_rng(1)
+    vids = lambda y: [(segments(rng, kinds(rng, 2), [0, 1, 0]), y) for _ in range(4)]
+    write_task(str(tmp_path), 'huge', {'train': vids(1e30), 'val': vids(0.), 'test': vids(0.)}, 1, regression=True)
+    write_task(str(tmp_path), 'big', {'train': vids(1.5e19), 'val': vids(0.), 'test': vids(0.)}, 1, regression=True)
+    args = lambda t: mp.get_args_parser('lp').parse_args(
+        ['--task', t, '--data_path', str(tmp_path), '--baseline', 'raw', '--epochs', '2', '--batch_size', '2',
+         '--device', 'cpu', '--output_dir', str(tmp_path / t)])
+    with pytest.raises(NonFiniteError, match=r'huge.train\.csv row 1 .*label 1e\+30'):
+        mp.main(args('huge'))
+    with pytest.raises(NonFiniteError, match=r'task big, seed 0, epoch 0: training loss is inf'):
+        mp.main(args('big'))
+
+
+@pytest.mark.parametrize('flag,value', [('batch_size', '0'), ('epochs', '0'), ('lr', '-1'), ('weight_decay', '-1'),
+                                        ('feature_batch_size', '0'), ('lr_decay', '1.5')])
+def test_bad_flags_are_argparse_style_errors(data, flag, value):
+    from util.errors import InputError
+    with pytest.raises(InputError, match=f'argument --{flag}: '):
+        run(data, 'lp', 'mix', '--baseline', 'raw', f'--{flag}', value, out='flags')
+
+
+class _Opaque:   # an object that weights-only loading refuses
+    pass
+
+
+def test_checkpoint_with_python_objects_needs_trust(data):
+    from util.errors import InputError
+    enc = LVMAE(num_patches=16, input_size=D, depth=1, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
+                decoder_num_heads=2)
+    path = os.path.join(data['root'], 'opaque.pth')
+    torch.save({'model': enc.state_dict(), 'args': argparse.Namespace(num_heads=4, extra=_Opaque())}, path)
+    with pytest.raises(InputError, match='--trust_checkpoint'):
+        run(data, 'lp', 'mix', '--resume', path, '--epochs', '1', out='trust')
+    res = run(data, 'lp', 'mix', '--resume', path, '--epochs', '1', '--trust_checkpoint', out='trust')
+    assert res['tasks']['mix']['num_videos']['train'] == 120
+
+
+@pytest.mark.slow
+def test_cli_bad_csv_row_is_one_line_without_traceback(data, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'test_lp_movie_clip.py'), '--task', 'badlabel',
+                        '--baseline', 'raw', '--data_path', data['root'], '--output_dir', str(tmp_path / 'o'),
+                        '--device', 'cpu'], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.stderr.startswith('error: ') and 'train.csv row 3' in r.stderr
+
+
+# ---------------------------------------------------------------------------------------- sweeps
+def test_sweep_heads_equal_single_runs_and_select_on_val(data):
+    flags = ('--resume', data['ours'], '--epochs', '3', '--seeds', '0', '1')
+    grid = run(data, 'ap', 'mix', *flags, '--lr', '1e-3', '3e-5', '--weight_decay', '0', '1e-2', out='sweep')
+    g = grid['tasks']['mix']['grid']
+    assert [(c['lr'], c['weight_decay']) for c in g] == [(1e-3, 0), (1e-3, 1e-2), (3e-5, 0), (3e-5, 1e-2)]
+    for lr, wd in ((1e-3, 1e-2), (3e-5, 0)):
+        one = run(data, 'ap', 'mix', *flags, '--lr', str(lr), '--weight_decay', str(wd), out=f'single{lr}{wd}')
+        single = one['tasks']['mix']
+        assert len(single['grid']) == 1 and single['lr'] == lr
+        member = next(c for c in g if (c['lr'], c['weight_decay']) == (lr, wd))
+        for a, b in zip(member['per_seed'], single['per_seed']):
+            assert a['best_epoch'] == b['best_epoch']
+            assert a['val'] == pytest.approx(b['val'], abs=1e-4) and a['test'] == pytest.approx(b['test'], abs=1e-4)
+    chosen = grid['tasks']['mix']
+    assert chosen['val_mean'] == max(c['val_mean'] for c in g)
+    assert (chosen['lr'], chosen['weight_decay']) == next((c['lr'], c['weight_decay']) for c in g
+                                                          if c['val_mean'] == chosen['val_mean'])
+    assert grid['protocol']['lr'] == [1e-3, 3e-5] and 'Sweep' in open(
+        os.path.join(data['root'], 'sweep', 'results.md')).read()
+
+
+def test_sweep_selection_never_looks_at_test():
+    runs = [[{'seed': s, 'best_epoch': 0, 'val': v, 'test': t, 'diverged': False}
+             for v, t in ((50., 90.), (60., 10.), (60., 20.))] for s in (0, 1)]
+    grid, chosen = mp.select(Task('t', 2), [(1, 0), (2, 0), (3, 0)], runs)
+    assert chosen == 1 and grid[chosen]['test_mean'] == 10.   # best val; on a val tie, the first in grid order
+    reg, chosen = mp.select(Task('r', 1, regression=True), [(1, 0), (2, 0), (3, 0)], runs)
+    assert chosen == 0

@@ -117,3 +117,77 @@ def load_model_state(model, state_dict, path, strict=True, ignore_prefixes=()):
     if problems:
         raise CheckpointError(f'{path}: checkpoint does not fit the model; ' + '\n'.join(problems))
     model.load_state_dict(given, strict=False)
+
+
+# ---------------------------------------------------------------------------------------- architecture
+class ArchitectureError(InputError, ValueError, RuntimeError):
+    """A flag contradicts the checkpoint's architecture, or the checkpoint does not fit the model
+    (also a ValueError / RuntimeError, the types these errors had before)."""
+
+
+DECODER_PREFIXES = ('decoder_', 'mask_token')   # parameters a frozen encoder does not need
+
+
+def model_config_keys():
+    """Keyword arguments of ``models_lvmae.LVMAE`` that a checkpoint's ``args`` may carry: the shape
+    keys (``ARCH_KEYS``) and every other configuration keyword of the model (for example an input
+    scale), read from its signature so that a key added to the model is carried without a change here."""
+    import inspect
+
+    from models_lvmae import ARCH_KEYS, LVMAE
+    sig = [k for k in inspect.signature(LVMAE).parameters if k not in ('self', 'norm_layer')]
+    return tuple(ARCH_KEYS) + tuple(k for k in sig if k not in ARCH_KEYS)
+
+
+def shape_arch(sd):
+    """What a state dict's parameter shapes say about the architecture (the keys it can tell)."""
+    arch = {}
+    if 'pos_embed' in sd:
+        arch['num_patches'] = sd['pos_embed'].shape[1] - 1
+        width = sd['pos_embed'].shape[-1]
+        arch['input_size'] = sd['input_proj.weight'].shape[1] if 'input_proj.weight' in sd else width
+        if width != arch['input_size']:
+            arch['embed_dim'] = width
+    blocks = {int(k.split('.')[1]) for k in sd if k.startswith('blocks.')}
+    if blocks:
+        arch['depth'] = max(blocks) + 1
+    if 'blocks.0.mlp.fc1.weight' in sd:
+        fc1 = sd['blocks.0.mlp.fc1.weight'].shape
+        arch['mlp_ratio'] = fc1[0] / fc1[1]
+    if 'decoder_embed.weight' in sd:
+        arch['decoder_embed_dim'] = sd['decoder_embed.weight'].shape[0]
+    dec = {int(k.split('.')[1]) for k in sd if k.startswith('decoder_blocks.')}
+    if dec:
+        arch['decoder_depth'] = max(dec) + 1
+    return arch
+
+
+def resolve_arch(ckpt_args=None, sd=None, flags=None, source='checkpoint'):
+    """The ``LVMAE`` keyword arguments of a model, worked out once.
+
+    Each configuration key takes, in order: an explicit flag (``flags[k]`` not None), the
+    checkpoint's stored args, what its parameter shapes say, the paper's configuration
+    (``models_lvmae.PAPER_CONFIG``). A flag that contradicts the checkpoint's stored ``num_heads`` is
+    an error (head counts leave no trace in the shapes); other contradictions show up as shape
+    mismatches when the weights are loaded. Returns ``(kwargs, notes)``; ``notes`` lists the keys that
+    fell back to the paper's values although a checkpoint was given."""
+    from models_lvmae import PAPER_CONFIG
+    ckpt_args, sd, flags = ckpt_args or {}, sd or {}, flags or {}
+    keys = model_config_keys()
+    stored = {k: ckpt_args[k] for k in keys if ckpt_args.get(k) is not None}
+    shapes = shape_arch(sd)
+    given = {k: v for k, v in flags.items() if k in keys and v is not None}
+    if 'num_heads' in given and stored.get('num_heads') not in (None, given['num_heads']):
+        raise ArchitectureError(f'{source}: --num_heads {given["num_heads"]} but the checkpoint was trained '
+                                f'with num_heads={stored["num_heads"]}')
+    arch, notes = {}, []
+    for k in keys:
+        for src in (given, stored, shapes, PAPER_CONFIG):
+            if k in src:
+                arch[k] = src[k]
+                break
+        else:
+            continue
+        if sd and k == 'num_heads' and k not in given and k not in stored:
+            notes.append(k)
+    return arch, notes
