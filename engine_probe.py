@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch.utils.tensorboard import SummaryWriter
 
-from models_lvmae import LVMAE
+from models_lvmae import ENCODER_KEYS, LVMAE
 from util.checkpoint import checkpoint_args, load_checkpoint, load_model_state, model_state
 from util.embeddings import EmbeddingError, load_row, read_csv, read_metadata
 from util.fileio import atomic_write_text
@@ -116,7 +116,8 @@ def load_encoder(args):
     if args.num_heads is None:
         print(f'{args.resume}: num_heads not stored in the checkpoint; using the default 16 (set --num_heads)')
     arch = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None}
-    model = LVMAE(**arch)
+    # configuration that changes no shape but what the encoder computes (1.0 when absent, as released)
+    model = LVMAE(**arch, **{k: ckpt_args[k] for k in ENCODER_KEYS if ckpt_args.get(k) is not None})
     load_model_state(model, sd, args.resume, strict=True, ignore_prefixes=DECODER_PREFIXES)
     for k in ('input_size', 'num_patches'):
         setattr(args, k, getattr(model, k))
