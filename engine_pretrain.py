@@ -1,4 +1,4 @@
-"""One pretraining epoch and the validation loss (as MAE's engine_pretrain.py)."""
+"""One pretraining epoch, the validation loss and diagnostics (as MAE's engine_pretrain.py)."""
 import contextlib
 import math
 
@@ -6,6 +6,7 @@ import torch
 
 import util.misc as misc
 import util.lr_sched as lr_sched
+from util.reconstruction import copy_nearest_visible, mean_prediction, retrieval_ranks
 
 
 def autocast(device, args):
@@ -92,25 +93,76 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, scaler, args, 
     return metric_logger.global_avg()
 
 
+def _masks(model, x, lengths, noise, args):
+    """The validation masks of a batch (fixed by the dataset's noise) and the real-token mask."""
+    valid = model.valid_mask(lengths, x.shape[1])
+    mask = model.make_mask(x, lengths, args.mask_ratio, semantic_arg(args), noise) & valid
+    return mask, valid
+
+
+def _loss_sums(model, x, pred, mask):
+    """``[masked-token loss sum, masked count, sum of per-video means, videos]`` of one batch."""
+    s, n = model.forward_loss(x, pred, mask, reduction='sum')
+    per_video = model.forward_loss(x, pred, mask, reduction='none')
+    return [s.double().item(), n.item(), per_video.double().sum().item(), per_video.shape[0]]
+
+
+def _reduce(model, sums):
+    """The loss over a whole set from the summed ``_loss_sums``, with the model's reduction."""
+    total, count, video_total, videos = sums
+    return video_total / max(videos, 1) if model.loss_reduction == 'video' else total / max(count, 1)
+
+
 @torch.no_grad()
 def evaluate(model, data_loader, device, args):
-    """Validation loss with the training's reduction (``model.loss_reduction``) over the whole
-    validation set: 'batch', the mean over all masked tokens of all validation videos; 'video', the
-    mean over the videos of each one's mean. The masks are fixed by the dataset's noise, so every
-    evaluation uses the same ones. ``data_loader`` may hold a shard of the videos per process: sums are
-    reduced over processes."""
+    """Validation: ``{'loss', 'retrieval_top1', 'retrieval_rank'}``.
+
+    loss: with the training's reduction (``model.loss_reduction``) over the whole validation set:
+    'batch', the mean over all masked tokens of all validation videos; 'video', the mean over the
+    videos of each one's mean. The masks are fixed by the dataset's noise, so every evaluation uses the
+    same ones. retrieval: each masked segment's reconstruction is compared (cosine) with every real
+    segment of its validation batch; top1 is the % of masked segments whose own embedding is the most
+    similar, rank the mean rank of the own embedding divided by the number of other candidates (0 best,
+    about 0.5 for a random guess). The loss can sit at the level of predicting the mean embedding while
+    the encoder learns (see docs/PRETRAIN.md); retrieval does not hide that. ``data_loader`` may hold a
+    shard of the videos per process: sums are reduced over processes (retrieval candidates are the
+    batch's, so its value depends on the validation batch size and the number of processes)."""
     model.eval()
-    total, count, video_total, videos = 0.0, 0.0, 0.0, 0
+    acc, top1, rank, n_masked = [0.0] * 4, 0.0, 0.0, 0
     for x, lengths, noise in data_loader:
         x, lengths, noise = (t.to(device, non_blocking=True) for t in (x, lengths, noise))
+        mask, valid = _masks(model, x, lengths, noise, args)
         with autocast(device, args):
-            _, pred, mask = model(x, lengths, mask_ratio=args.mask_ratio, semantic=semantic_arg(args), noise=noise)
-        s, n = model.forward_loss(x, pred, mask, reduction='sum')
-        total, count = total + s.double().item(), count + n.item()
-        per_video = model.forward_loss(x, pred, mask, reduction='none')
-        video_total += per_video.double().sum().item()
-        videos += per_video.shape[0]
-    total, count, video_total, videos = misc.all_reduce_sum([total, count, video_total, videos], device)
-    if model.loss_reduction == 'video':
-        return video_total / max(videos, 1)
-    return total / max(count, 1)
+            _, pred, _ = model(x, lengths, mask=mask)
+        acc = [a + b for a, b in zip(acc, _loss_sums(model, x, pred, mask))]
+        ranks = retrieval_ranks(x, pred, mask, valid)
+        top1 += (ranks == 0).sum().item()
+        rank += (ranks.double() / max(int(valid.sum()) - 1, 1)).sum().item()
+        n_masked += ranks.numel()
+    *acc, top1, rank, n_masked = misc.all_reduce_sum(acc + [top1, rank, n_masked], device)
+    return {'loss': _reduce(model, acc), 'retrieval_top1': 100 * top1 / max(n_masked, 1),
+            'retrieval_rank': rank / max(n_masked, 1)}
+
+
+@torch.no_grad()
+def trivial_losses(model, data_loader, device, args):
+    """Losses of trivial answers on the validation masks, scored with the model's ``forward_loss`` as
+    ``evaluate`` scores the model: ``mean`` predicts the mean embedding of the validation set's real
+    tokens everywhere, ``copy`` copies the nearest visible segment of the same video; both with the
+    model's loss reduction. A model whose validation loss is not below both has learned nothing the
+    trivial answers do not know."""
+    model.eval()
+    sum_x, n_tok = torch.zeros(model.input_size, dtype=torch.float64, device=device), 0
+    for x, lengths, _ in data_loader:
+        x, lengths = x.to(device).double(), lengths.to(device)
+        sum_x += (x * model.valid_mask(lengths, x.shape[1])[..., None]).sum((0, 1))
+        n_tok += int(lengths.sum())
+    sums = misc.all_reduce_sum(sum_x.tolist() + [n_tok], device)
+    mean = torch.tensor(sums[:-1], dtype=torch.float32, device=device) / max(sums[-1], 1)
+    sums = {'mean': [0.0] * 4, 'copy': [0.0] * 4}
+    for x, lengths, noise in data_loader:
+        x, lengths, noise = (t.to(device, non_blocking=True) for t in (x, lengths, noise))
+        mask, valid = _masks(model, x, lengths, noise, args)
+        for name, pred in (('mean', mean_prediction(x, mean)), ('copy', copy_nearest_visible(x, mask, valid))):
+            sums[name] = [a + b for a, b in zip(sums[name], _loss_sums(model, x, pred, mask))]
+    return {name: _reduce(model, misc.all_reduce_sum(v, device)) for name, v in sums.items()}

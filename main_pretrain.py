@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 import util.misc as misc
-from engine_pretrain import evaluate, param_groups, train_one_epoch
-from models_lvmae import ARCH_KEYS, LOSS_REDUCTIONS, LVMAE, SEMANTIC_ORDERS
+from engine_pretrain import evaluate, param_groups, train_one_epoch, trivial_losses
+from models_lvmae import ARCH_KEYS, ENCODER_KEYS, LOSS_REDUCTIONS, LVMAE, SEMANTIC_ORDERS, resolve_input_scale
 from util.datasets import PretrainDataset, collate_pretrain
 from util.errors import InputError, run_main
 from util.fileio import FolderLock
@@ -24,6 +24,15 @@ from util.fileio import FolderLock
 
 VAL_LOSS_MEANING = {'batch': 'mean over all masked tokens of the validation set',
                     'video': 'mean over validation videos of each video\'s masked-token mean'}
+
+
+def input_scale_arg(value):
+    """--input_scale: 'auto' or a positive number (checked here; resolved when the model is built)."""
+    try:
+        resolve_input_scale(value, 2)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def get_args_parser():
@@ -45,6 +54,11 @@ def get_args_parser():
     p.add_argument('--decoder_depth', default=8, type=int)
     p.add_argument('--decoder_num_heads', default=16, type=int)
     p.add_argument('--mlp_ratio', default=4.0, type=float)
+    p.add_argument('--input_scale', default='1.0', type=input_scale_arg,
+                   help='multiply the input embeddings by this before the encoder (targets stay unit-norm): a '
+                        'number, or auto = sqrt(encoder width / 2), the norm of a sin-cos position row (22.6 at '
+                        '1024). Default 1.0 as released; saved in the checkpoint (as a number), so the probes '
+                        'apply it. See docs/PRETRAIN.md')
     p.add_argument('--mask_ratio', default=0.5, type=float, help='fraction of each video\'s segments masked')
     p.add_argument('--masking_strategy', action='store_true',
                    help='semantic masking (ordered by cosine similarity to the previous segment) instead of random')
@@ -191,7 +205,9 @@ def train(args):
                   num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
                   decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
                   mlp_ratio=args.mlp_ratio, norm_pix_loss=args.norm_pix_loss, cos_loss=args.cos_loss,
-                  embed_dim=args.embed_dim, loss_reduction=args.loss_reduction).to(device)
+                  embed_dim=args.embed_dim, input_scale=args.input_scale,
+                  loss_reduction=args.loss_reduction).to(device)
+    args.input_scale = model.input_scale     # 'auto' resolved: the checkpoint's args hold the number
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'model: {n_parameters / 1e6:.2f}M trainable parameters')
@@ -208,7 +224,7 @@ def train(args):
     if args.fp16 and device.type != 'cuda':
         print('--fp16 is for GPUs; training in fp32 on CPU')
     scaler = torch.amp.GradScaler('cuda', enabled=args.fp16 and device.type == 'cuda')
-    misc.resume(args, model_without_ddp, optimizer, scaler, arch_keys=ARCH_KEYS)
+    misc.resume(args, model_without_ddp, optimizer, scaler, arch_keys=ARCH_KEYS + ENCODER_KEYS)
 
     log_writer = None
     if misc.is_main_process():   # the folder is locked: no other run writes these files
@@ -221,6 +237,11 @@ def train(args):
         print(f'nothing to do: epochs 0 to {args.start_epoch - 1} are done (raise --epochs to train longer)')
     else:
         print(f'training epochs {args.start_epoch} to {args.epochs - 1}')
+    trivial = None
+    if loader_val is not None and args.start_epoch < args.epochs:
+        trivial = trivial_losses(model_without_ddp, loader_val, device, args)
+        print(f'validation masks: loss of predicting the mean embedding {trivial["mean"]:.5f}, of copying the '
+              f'nearest visible segment {trivial["copy"]:.5f} (the model\'s validation loss should go below both)')
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -230,11 +251,16 @@ def train(args):
                      'n_parameters': n_parameters}
         last = epoch + 1 == args.epochs
         if loader_val is not None and ((epoch + 1) % args.eval_every == 0 or last):
-            log_stats['val_loss'] = evaluate(model_without_ddp, loader_val, device, args)
+            val = evaluate(model_without_ddp, loader_val, device, args)
+            val.update({'loss_mean_prediction': trivial['mean'], 'loss_copy_nearest': trivial['copy']})
+            log_stats.update({f'val_{k}': v for k, v in val.items()})
             log_stats['val_loss_reduction'] = args.loss_reduction
-            print(f'epoch {epoch}: validation loss {log_stats["val_loss"]:.5f} ({VAL_LOSS_MEANING[args.loss_reduction]})')
+            print(f'epoch {epoch}: validation loss {val["loss"]:.5f} ({VAL_LOSS_MEANING[args.loss_reduction]}; '
+                  f'mean embedding {trivial["mean"]:.5f}, copy nearest {trivial["copy"]:.5f}); masked segments '
+                  f'retrieved top-1 {val["retrieval_top1"]:.1f} %, mean rank {val["retrieval_rank"]:.3f} (random 0.5)')
             if log_writer is not None:
-                log_writer.add_scalar('val_loss', log_stats['val_loss'], epoch)
+                for k, v in val.items():
+                    log_writer.add_scalar('val_' + k, v, epoch)
         if misc.is_main_process():
             log_writer.flush()
             with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:

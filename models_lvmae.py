@@ -40,6 +40,26 @@ LOSS_REDUCTIONS = ('batch', 'video')
 PAPER_CONFIG = dict(num_patches=256, input_size=1024, embed_dim=None, depth=32, num_heads=16, mlp_ratio=4.0,
                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 ARCH_KEYS = tuple(PAPER_CONFIG)
+# Keyword arguments that do not change any parameter's shape but change what the encoder computes: a
+# probe must build the encoder with the values stored in the checkpoint's args (1.0 when absent, as
+# the original release). ``input_scale`` multiplies the input embeddings before the encoder.
+ENCODER_KEYS = ('input_scale',)
+
+
+def resolve_input_scale(value, embed_dim):
+    """``--input_scale``: a positive number, or 'auto' = sqrt(embed_dim / 2), the norm of every row of
+    the sin-cos position table (so that a unit-norm embedding and its position weigh the same)."""
+    if isinstance(value, str):
+        if value.strip().lower() == 'auto':
+            return float(np.sqrt(embed_dim / 2))
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f'input_scale must be a positive number or "auto", got {value!r}') from None
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f'input_scale must be a positive number or "auto", got {value!r}')
+    return value
 
 
 class LVMAE(nn.Module):
@@ -48,7 +68,7 @@ class LVMAE(nn.Module):
                  decoder_embed_dim=PAPER_CONFIG['decoder_embed_dim'], decoder_depth=PAPER_CONFIG['decoder_depth'],
                  decoder_num_heads=PAPER_CONFIG['decoder_num_heads'], mlp_ratio=PAPER_CONFIG['mlp_ratio'],
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, cos_loss=False,
-                 embed_dim=PAPER_CONFIG['embed_dim'], loss_reduction='batch'):
+                 embed_dim=PAPER_CONFIG['embed_dim'], input_scale=1.0, loss_reduction='batch'):
         super().__init__()
         # The encoder width equals the embedding size, as in the original release; a different
         # ``embed_dim`` adds an input projection (``input_proj``) and an output one (in decoder_pred).
@@ -58,6 +78,10 @@ class LVMAE(nn.Module):
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f'loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}')
         self.loss_reduction = loss_reduction
+        # Input embeddings are multiplied by ``input_scale`` before the encoder (targets stay unit-norm).
+        # The release adds a unit-norm embedding to a position row of norm sqrt(embed_dim / 2) (22.6 at
+        # 1024): 1.0 keeps that; 'auto' gives both the same norm (docs/PRETRAIN.md has measurements).
+        self.input_scale = resolve_input_scale(input_scale, embed_dim)
 
         # encoder
         self.input_proj = nn.Linear(input_size, embed_dim) if embed_dim != input_size else nn.Identity()
@@ -141,7 +165,7 @@ class LVMAE(nn.Module):
     def _encode(self, tokens, positions, token_valid):
         """Run the encoder on ``tokens [B, K, D]`` placed at ``positions [B, K]`` (0-based segment
         index); ``token_valid [B, K]`` marks real tokens. Returns ``[B, 1 + K, D]`` (CLS first)."""
-        x = self.input_proj(tokens) + self.pos_embed[0, 1:][positions]
+        x = self.input_proj(tokens * self.input_scale) + self.pos_embed[0, 1:][positions]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         attn_mask = F.pad(token_valid, (1, 0), value=True)[:, None, None, :]

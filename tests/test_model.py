@@ -236,3 +236,25 @@ def test_video_reduction_is_the_mean_of_per_video_means():
     torch.testing.assert_close(loss, torch.stack(per_video).mean(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match='loss_reduction'):
         tiny(loss_reduction='tokens')
+def test_input_scale_multiplies_the_inputs_not_the_targets():
+    x, lengths = batch([7, 5], seed=3)
+    mask = LVMAE.valid_mask(lengths, 7) & (torch.arange(7) % 2 == 1)
+    scaled, plain = tiny(input_scale=3.0), tiny()
+    loss_s, pred_s, _ = scaled(x, lengths, mask=mask)
+    _, pred_p, _ = plain(3.0 * x, lengths, mask=mask)
+    assert torch.allclose(pred_s, pred_p, atol=1e-5)
+    assert torch.allclose(loss_s, plain.forward_loss(x, pred_p, mask), atol=1e-6)   # targets: unit-norm x
+    assert torch.allclose(scaled.forward_features(x, lengths), plain.forward_features(3.0 * x, lengths), atol=1e-5)
+    assert not torch.allclose(scaled.forward_features(x, lengths), plain.forward_features(x, lengths), atol=1e-3)
+
+
+def test_input_scale_auto_and_bad_values():
+    assert tiny(input_scale='auto').input_scale == pytest.approx((D / 2) ** 0.5)    # 4.0 at width 32
+    assert tiny(input_scale='auto', embed_dim=8).input_scale == pytest.approx(2.0)  # the encoder width counts
+    assert tiny().input_scale == 1.0 and tiny(input_scale='2.5').input_scale == 2.5
+    # 'auto' is the norm of a position row
+    pe = tiny(input_scale='auto').pos_embed[0, 1:]
+    assert torch.allclose(pe.norm(dim=-1), torch.full((64,), (D / 2) ** 0.5))
+    for bad in ('0', '-1', 'nan', 'big'):
+        with pytest.raises(ValueError, match='input_scale must be a positive number or "auto"'):
+            tiny(input_scale=bad)

@@ -444,3 +444,30 @@ def test_command_line_errors_are_one_line(data, tmp_path):
         assert r.returncode == 2, r.stderr[-2000:]
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(words) and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+
+def test_input_scale_auto_is_saved_and_applied_by_the_probes(data, tmp_path):
+    import main_probe
+    out = str(tmp_path)
+    run_main(TINY + ['--data_path', data['train'], '--output_dir', out, '--batch_size', '4', '--epochs', '1',
+                     '--max_steps_per_epoch', '1', '--input_scale', 'auto'])
+    path = os.path.join(out, 'checkpoint-0.pth')
+    assert load_checkpoint(path)['args']['input_scale'] == pytest.approx((D / 2) ** 0.5)
+    args = main_probe.get_args_parser('ap').parse_args(['--resume', path, '--device', 'cpu'])
+    assert main_probe.EncoderSpec(args).model.input_scale == pytest.approx((D / 2) ** 0.5)
+    with pytest.raises(SystemExit):
+        main_pretrain.get_args_parser().parse_args(['--input_scale', '0'])
+
+
+def test_validation_diagnostics_logged(data, tmp_path, capsys):
+    out = str(tmp_path)
+    run_main(TINY + ['--data_path', data['train'], '--val_data_path', data['val'], '--output_dir', out,
+                     '--batch_size', '4', '--epochs', '2', '--eval_every', '1', '--max_steps_per_epoch', '2'])
+    assert 'loss of predicting the mean embedding' in capsys.readouterr().out
+    log = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))]
+    for r in log:
+        assert {'val_loss', 'val_loss_mean_prediction', 'val_loss_copy_nearest', 'val_retrieval_top1',
+                'val_retrieval_rank'} <= set(r)
+    # the trivial answers are computed once, on the fixed validation masks
+    assert log[0]['val_loss_mean_prediction'] == log[1]['val_loss_mean_prediction'] > 0
+    assert log[0]['val_loss_copy_nearest'] == log[1]['val_loss_copy_nearest'] > 0
