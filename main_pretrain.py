@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -85,6 +86,13 @@ def get_args_parser():
     p.add_argument('--fp16', action='store_true',
                    help='fp16 autocast with a GradScaler on GPU, as the original release trained (default: bf16 '
                         'autocast on GPU, fp32 on CPU)')
+    p.add_argument('--pad_multiple', default=0, type=int,
+                   help='pad each batch (and the encoder\'s visible tokens) to a multiple of this many segments; '
+                        'results do not change, GPU kernels are faster with few distinct shapes. 0: 32 on GPU, 1 on '
+                        'CPU (docs/BENCHMARKS.md)')
+    p.add_argument('--cudnn_sdp', action='store_true',
+                   help='let attention use the cuDNN kernel on GPU (off by default: it plans every new sequence '
+                        'length anew, measured 2x slower on varying windows)')
 
     # data
     p.add_argument('--data_path', default=['data'], nargs='+',
@@ -144,7 +152,7 @@ def check_args(args):
     need(args.num_patches >= 2, 'num_patches', 'must be at least 2 (a window has 2 to num_patches segments)')
     for flag in ('embed_dim', 'max_steps_per_epoch', 'world_size'):
         need(getattr(args, flag) is None or getattr(args, flag) >= 1, flag, 'must be at least 1')
-    for flag in ('warmup_epochs', 'start_epoch', 'num_workers', 'weight_decay', 'min_lr'):
+    for flag in ('warmup_epochs', 'start_epoch', 'num_workers', 'weight_decay', 'min_lr', 'pad_multiple'):
         need(getattr(args, flag) >= 0, flag, 'must not be negative')
     for flag in ('blr', 'mlp_ratio', 'segment_sec'):
         need(getattr(args, flag) > 0, flag, 'must be positive')
@@ -180,6 +188,10 @@ def train(args):
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
+    if not args.pad_multiple:
+        args.pad_multiple = 32 if device.type == 'cuda' else 1
+    if device.type == 'cuda' and not args.cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     print('args:', json.dumps(vars(args), default=str))
 
     kw = dict(input_size=args.input_size, num_patches=args.num_patches, mask_ratio=args.mask_ratio,
@@ -188,7 +200,7 @@ def train(args):
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size, rank=args.rank,
                                                   shuffle=True, seed=args.seed)
     loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,
-                     collate_fn=collate_pretrain)
+                     collate_fn=partial(collate_pretrain, multiple=args.pad_multiple, max_len=args.num_patches))
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kw)
     if len(loader_train) == 0:
         raise InputError(f'{len(dataset_train)} videos do not fill one step of batch_size {args.batch_size} '
@@ -208,6 +220,7 @@ def train(args):
                   embed_dim=args.embed_dim, input_scale=args.input_scale,
                   loss_reduction=args.loss_reduction).to(device)
     args.input_scale = model.input_scale     # 'auto' resolved: the checkpoint's args hold the number
+    model.pad_multiple = args.pad_multiple
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'model: {n_parameters / 1e6:.2f}M trainable parameters')

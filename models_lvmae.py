@@ -82,6 +82,10 @@ class LVMAE(nn.Module):
         # The release adds a unit-norm embedding to a position row of norm sqrt(embed_dim / 2) (22.6 at
         # 1024): 1.0 keeps that; 'auto' gives both the same norm (docs/PRETRAIN.md has measurements).
         self.input_scale = resolve_input_scale(input_scale, embed_dim)
+        # Runtime setting, not part of the configuration: the encoder's visible tokens are padded to a
+        # multiple of this (within the sequence length). Few distinct shapes keep GPU kernel plans
+        # cached; padding never changes a result (main_pretrain.py --pad_multiple).
+        self.pad_multiple = 1
 
         # encoder
         self.input_proj = nn.Linear(input_size, embed_dim) if embed_dim != input_size else nn.Identity()
@@ -184,11 +188,13 @@ class LVMAE(nn.Module):
     def forward_encoder(self, x, mask, valid):
         """Gather the visible tokens to the front (original order kept) and encode only them.
 
-        Returns the latent ``[B, 1 + K, D]`` with K the largest visible count in the batch, and
-        ``keep [B, L]`` (True on visible tokens)."""
+        Returns the latent ``[B, 1 + K, D]`` with K the largest visible count in the batch (rounded up
+        to a multiple of ``pad_multiple``, at most L; the extra tokens are padding), and ``keep [B, L]``
+        (True on visible tokens)."""
         keep = valid & ~mask
         n_keep = keep.sum(1)
-        K = int(n_keep.max())
+        m = self.pad_multiple
+        K = min(-(-int(n_keep.max()) // m) * m, keep.shape[1])
         # stable sort: visible tokens first, each group in its original order
         ids = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
         tokens = torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))

@@ -89,6 +89,9 @@ def get_args_parser():
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='bfloat16 = autocast')
     p.add_argument('--threads', default=None, type=int, help='torch CPU threads (default: torch\'s choice)')
     p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--pad_multiple', default=0, type=int,
+                   help='ours: pad batches and visible tokens to a multiple (0: 32 on GPU, 1 on CPU, as main_pretrain.py)')
+    p.add_argument('--cudnn_sdp', action='store_true', help='let attention use cuDNN on GPU (main_pretrain.py: off)')
     p.add_argument('--loader_videos', default=64, type=int, help='loader: store files written (videos)')
     p.add_argument('--loader_samples', default=3000, type=int, help='loader: samples timed per line')
     p.add_argument('--loader_reads', default=','.join(LOADER_READS), help=f'loader: comma list of {LOADER_READS}')
@@ -103,6 +106,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 2, 1
+    if not args.pad_multiple:
+        args.pad_multiple = 32 if args.device.startswith('cuda') else 1
         args.loader_videos, args.loader_samples = min(args.loader_videos, 8), min(args.loader_samples, 64)
     if args.steps < 1:
         parser.error('--steps must be at least 1')
@@ -119,9 +124,13 @@ def build_model(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    return LVMAE(num_patches=args.num_patches, input_size=args.input_size, depth=args.depth,
-                 num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
-                 decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads).to(args.device)
+    if args.device.startswith('cuda') and not args.cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    model = LVMAE(num_patches=args.num_patches, input_size=args.input_size, depth=args.depth,
+                  num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
+                  decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads).to(args.device)
+    model.pad_multiple = args.pad_multiple
+    return model
 
 
 def make_batch(args, spec, seed):
@@ -268,7 +277,8 @@ def step_fn(args, model, mode, batch):
     if mode == 'original':
         inp = original_inputs(x, lengths, noise, args.mask_ratio, semantic)
         return lambda: original_forward(model, inp)[0]
-    L = args.num_patches if mode == 'ours_pad256' else int(lengths.max())
+    m = args.pad_multiple
+    L = args.num_patches if mode == 'ours_pad256' else min(-(-int(lengths.max()) // m) * m, args.num_patches)
     x, noise = x[:, :L], noise[:, :L]
     return lambda: model(x, lengths, args.mask_ratio, semantic=semantic, noise=noise)[0]
 

@@ -198,12 +198,14 @@ class PretrainDataset(torch.utils.data.Dataset):
         raise EmbeddingError(f'no video keeps a visible token at --mask_ratio {self.mask_ratio} after 100 draws')
 
 
-def collate_pretrain(batch):
-    """Pad to the longest sequence of the batch: ``x [B, L, D]`` (zeros past each length), ``lengths [B]``,
-    ``noise [B, L]`` (1 past each length, above every real value, so padding is never chosen to be kept)."""
+def collate_pretrain(batch, multiple=1, max_len=None):
+    """Pad to the longest sequence of the batch, rounded up to a multiple of ``multiple`` (but not past
+    ``max_len``, the model's ``num_patches``): ``x [B, L, D]``
+    (zeros past each length), ``lengths [B]``, ``noise [B, L]`` (1 past each length, above every real
+    value, so padding is never chosen to be kept)."""
     xs, noises = zip(*batch)
     lengths = torch.tensor([x.shape[0] for x in xs], dtype=torch.long)
-    L = int(lengths.max())
+    L = max(min(-(-int(lengths.max()) // multiple) * multiple, max_len or float('inf')), int(lengths.max()))
     shape = (len(xs), L, xs[0].shape[1])
     if torch.utils.data.get_worker_info() is not None:
         # in a DataLoader worker, build the batch in shared memory (as default_collate does): otherwise
