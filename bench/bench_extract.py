@@ -24,6 +24,7 @@ import langbind_preprocessing  # noqa: E402
 import prepare_paired_paths  # noqa: E402
 import segment_video_library_movie_clip as step1  # noqa: E402
 from util.langbind import RANDOM_CONFIGS, load_encoder  # noqa: E402
+from util.misc import default_device  # noqa: E402
 from util.synthetic import color_frames, write_video  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def run_path(name, video_dir, work, args):
     shutil.rmtree(os.path.join(work, name), ignore_errors=True)
     t = time.time()
     step1.main(step1.get_args_parser().parse_args(
-        ['--video_dir', video_dir, '--out_dir', seg_dir, '--num_workers', str(args.num_workers)]
+        ['--video_dir', video_dir, '--output_dir', seg_dir, '--num_workers', str(args.num_workers)]
         + (['--reencode'] if name == 'reencode' else [])))
     t1 = time.time() - t
     csv = os.path.join(seg_dir, 'segments_metadata.csv')
@@ -71,7 +72,7 @@ def run_path(name, video_dir, work, args):
 @torch.no_grad()
 def encoder_only(args, common):
     """Forward passes alone (random input): the ceiling the decoding has to keep up with."""
-    device = langbind_preprocessing.pick_device(args.device, 0)
+    device = torch.device(default_device(args.device))
     dtype = langbind_preprocessing.DTYPES[args.dtype]
     encoder = load_encoder(random_init=args.config).to(device)
     x = list(torch.randn(args.batch_size, 8, 3, 224, 224).transpose(1, 2))

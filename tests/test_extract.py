@@ -5,11 +5,13 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 import langbind_preprocessing as step3
+from util.errors import InputError
 from util.embeddings import load_video_embeddings, read_metadata, save_video_embeddings
 from util.frames import decode_segments, frame_indices
 from util.langbind import VideoEncoder, import_languagebind, load_encoder, load_languagebind
@@ -22,6 +24,8 @@ VIDEOS = {
     'c': (3.0, 15, (80, 48), 'c.mp4'),        # shorter than one segment
     'trunc': (12.0, 10, (64, 48), 'trunc.mkv'),  # cut at ~half: decodes, then stops mid-way
 }
+
+TINY = {'model': 'random_init:tiny', 'random_init': '1'}  # metadata of the test encoder's files
 
 
 def windows(seconds):
@@ -104,7 +108,7 @@ def test_embedding_matches_package(library, tmp_path):
         assert torch.equal(again, ours)
         model.save_pretrained(tmp_path / 'ckpt')  # a local checkpoint folder loads (shims applied)
         torch.testing.assert_close(load_encoder(str(tmp_path / 'ckpt'))(x), ours, atol=1e-6, rtol=0)
-    with pytest.raises(SystemExit, match='(?s)huggingface-cli download .*--model_path'):
+    with pytest.raises(InputError, match="(?s)huggingface-cli download .*--model_path"):
         load_encoder(str(tmp_path / 'no_such_checkpoint'))
 
 
@@ -118,7 +122,11 @@ def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
     # the truncated video is reported with file and segment, the garbage file with its path
     assert f'{library / "trunc.mkv"}: segment 0 [0-5 s]: the frames end at' in out
     assert f'{library / "garbage.mp4"}' in out
-    assert sorted(os.listdir(emb1)) == ['a.safetensors', 'b.safetensors', 'c.safetensors']
+    assert sorted(os.listdir(emb1)) == ['a.safetensors', 'b.safetensors', 'c.safetensors', 'failed_j1.csv']
+    failures = pd.read_csv(emb1 / 'failed_j1.csv')
+    assert failures['video_id'].tolist() == ['garbage', 'trunc'] and summary['failures_file'] == str(emb1 / 'failed_j1.csv')
+    assert 'the frames end at' in failures['reason'][1]
+    assert out.strip().splitlines()[-1] == f'2 video(s) failed, listed in {emb1 / "failed_j1.csv"}'  # the count last
 
     encoder = load_encoder(random_init='tiny')
     for vid in ['a', 'b', 'c']:
@@ -143,11 +151,12 @@ def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
     shutil.copy(emb1 / 'a.safetensors', emb3 / 'a.safetensors')
     mtime = os.path.getmtime(emb3 / 'a.safetensors')
     (emb3 / '.b.safetensors.k1ll3d.tmp').write_bytes(b'partial')
-    save_video_embeddings(str(emb3 / 'c.safetensors'), torch.ones(5, 64), [0] * 5, [1] * 5)  # wrong rows
+    os.utime(emb3 / '.b.safetensors.k1ll3d.tmp', (mtime - 3600, mtime - 3600))  # from a run killed an hour ago
+    save_video_embeddings(str(emb3 / 'c.safetensors'), torch.ones(5, 64), [0] * 5, [1] * 5, TINY)  # wrong rows
     capsys.readouterr()
     summary = run(write_jobs(library, emb3, tmp_path / 'j3.json'), '--num_workers', '1')
     assert summary['already_complete'] == 1 and summary['written'] == 2
     assert os.path.getmtime(emb3 / 'a.safetensors') == mtime
-    assert sorted(os.listdir(emb3)) == ['a.safetensors', 'b.safetensors', 'c.safetensors']
+    assert sorted(os.listdir(emb3)) == ['a.safetensors', 'b.safetensors', 'c.safetensors', 'failed_j3.csv']
     for vid in ['a', 'b', 'c']:
         assert (emb3 / f'{vid}.safetensors').read_bytes() == (emb1 / f'{vid}.safetensors').read_bytes()

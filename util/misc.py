@@ -157,3 +157,14 @@ def resume(args, model_without_ddp, optimizer, scaler):
         print(f'resumed from {path}: continuing at epoch {args.start_epoch}')
     else:
         print(f'loaded model weights from {path} (no optimizer state: starting at epoch {args.start_epoch})')
+
+
+# ---------------------------------------------------------------- device
+def default_device(name='auto'):
+    """The ``--device`` every script takes: ``auto`` is ``cuda:$LOCAL_RANK`` under torchrun, else
+    ``cuda`` when a GPU is available, else ``cpu``; any other name is returned unchanged."""
+    if name != 'auto':
+        return name
+    if not torch.cuda.is_available():
+        return 'cpu'
+    return f'cuda:{os.environ["LOCAL_RANK"]}' if 'LOCAL_RANK' in os.environ else 'cuda'
