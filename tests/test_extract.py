@@ -112,6 +112,7 @@ def test_embedding_matches_package(library, tmp_path):
         load_encoder(str(tmp_path / 'no_such_checkpoint'))
 
 
+@pytest.mark.slow
 def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
     emb1, emb2, emb3 = tmp_path / 'e1', tmp_path / 'e2', tmp_path / 'e3'
     end = tmp_path / 'done.json'
@@ -187,6 +188,7 @@ def test_store_of_another_encoder_is_refused_or_overwritten(library, tmp_path):
     assert run(jobs, '--num_workers', '0')['already_complete'] == 1  # same encoder: complete, kept
 
 
+@pytest.mark.slow
 def test_long_names_and_unwritable_outputs_do_not_stop_the_others(library, tmp_path):
     """A legal 240-character file name goes through steps 1 to 3; a video whose store file cannot be
     written is listed as failed and the videos after it are still embedded."""
@@ -252,6 +254,7 @@ def test_pause_in_variable_frame_rate_video(tmp_path):
     assert not torch.equal(segs[2][1][:, 0], segs[0][1][:, 7])
 
 
+@pytest.mark.slow
 def test_model_threads_do_not_follow_num_workers(library, tmp_path, monkeypatch):
     """The model's CPU thread count (which changes its numerics) is the same with 0 and 2 workers."""
     seen = []
