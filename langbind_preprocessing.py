@@ -253,6 +253,7 @@ def gather(obj, world):
 
 
 def main(args):
+    entered = time.time()
     if args.batch_size < 1 or args.num_workers < 0:
         raise InputError('need --batch_size >= 1 and --num_workers >= 0')
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
@@ -272,15 +273,19 @@ def main(args):
         f'{skipped} already complete, {len(jobs)} to do ({sum(len(j["segments"]) for j in jobs)} segments) '
         f'on {device}')
 
-    start = time.time()
-    # the workers start decoding while the encoder loads
-    loader = iter(DataLoader(SegmentFrames(jobs, CHUNK), batch_size=None, num_workers=args.num_workers))
     encoder = load_encoder(args.model_path, args.random_init).to(device)
     if args.random_init:
         log(f'WARNING: random {args.random_init} encoder (testing only); files are marked random_init=1')
+    start, first = time.time(), []  # work time: from here (decoding starts) to the last file written
 
-    batcher = Batcher({j: len(job['segments']) for j, job in enumerate(jobs)},
-                      lambda x: embed(encoder, x, args.batch_size, device, dtype), args.batch_size)
+    def embed_batch(x):
+        e = embed(encoder, x, args.batch_size, device, dtype)
+        if not first:
+            first.append(time.time())
+        return e
+
+    loader = DataLoader(SegmentFrames(jobs, CHUNK), batch_size=None, num_workers=args.num_workers)
+    batcher = Batcher({j: len(job['segments']) for j, job in enumerate(jobs)}, embed_batch, args.batch_size)
     failed = {}  # job -> reason
     bar = tqdm(total=sum(len(j['segments']) for j in jobs), unit='seg', desc=f'rank {rank}', position=rank,
                disable=None)
@@ -324,7 +329,9 @@ def main(args):
     n_jobs, n_skip, n_written, n_failed, n_seg = (int(v) for v in totals[:5])
     failure_file = failures_path(args.video_path_file, spec, all_jobs)
     summary = {'jobs': n_jobs, 'already_complete': n_skip, 'written': n_written, 'failed': n_failed,
-               'failures_file': failure_file, 'segments': n_seg, 'seconds': round(elapsed, 1),
+               'failures_file': failure_file, 'segments': n_seg, 'seconds': round(elapsed, 2),
+               'first_batch_s': round(first[0] - entered, 2) if first else None,
+               'total_s': round(time.time() - entered, 2),
                'segments_per_s': round(n_seg / elapsed, 2),
                'video_minutes_per_min': round(float(totals[5]) / (elapsed / 60), 2)}
     if rank == 0:

@@ -15,7 +15,7 @@ from util.errors import InputError
 from util.embeddings import load_video_embeddings, read_metadata, save_video_embeddings
 from util.frames import decode_segments, frame_indices
 from util.langbind import VideoEncoder, import_languagebind, load_encoder, load_languagebind
-from util.synthetic import color_frames, write_video
+from util.synthetic import color_frames, rotate_in_header, write_video
 
 # video id -> (seconds, fps, (width, height), file name); windows of 5 s as step 1 cuts them
 VIDEOS = {
@@ -295,17 +295,6 @@ def test_only_own_temporary_files_are_removed(library, tmp_path):
     finally:
         os.close(fd)
     assert (emb / 'a.safetensors').is_file()
-
-
-def rotate_in_header(src, dst):
-    """Copy an mp4, setting its video track's display matrix to a 90-degree clockwise turn (as a phone
-    filming upright writes it)."""
-    import struct
-    data = src.read_bytes()
-    identity = struct.pack('>9i', 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
-    turn = struct.pack('>9i', 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
-    i = data.index(identity, data.index(b'tkhd'))
-    dst.write_bytes(data[:i] + turn + data[i + 36:])
 
 
 def test_rotated_video_is_turned_upright(tmp_path):

@@ -11,7 +11,7 @@ import prepare_paired_paths as step2
 import segment_video_library_movie_clip as step1
 from util.embeddings import is_complete, save_video_embeddings
 from util.errors import InputError
-from util.synthetic import color_frames, write_video
+from util.synthetic import color_frames, rotate_in_header, write_video
 from util.video import VideoError, probe_video, segment_windows
 
 COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))  # color_frames' default: one colour per 5 s
@@ -348,3 +348,19 @@ def test_is_complete_checks_the_encoder(tmp_path):
     assert is_complete(path, segs, 'LanguageBind/LanguageBind_Video_Huge_V1.5_FT', False)
     assert not is_complete(path, segs, 'checkpoints/LanguageBind_Video_FT', False)
     assert not is_complete(path, segs, 'checkpoints/LanguageBind_Video_Huge_V1.5_FT', True)
+
+
+def test_reencode_turns_rotated_videos_upright(tmp_path):
+    """As the original release's ffmpeg re-encoding: a phone's upright video gives upright segment files."""
+    (tmp_path / 'v').mkdir()
+    write_video(tmp_path / 'plain.mp4', color_frames(2.0, size=(96, 64)), fps=10)
+    rotate_in_header(tmp_path / 'plain.mp4', tmp_path / 'v' / 'phone.mp4')
+    segments, bad = run_step1(tmp_path / 'v', tmp_path / 'out', '--reencode', '--num_workers', '0')
+    assert not bad and len(segments) == 1
+    with av.open(segments[0]['segment_path']) as c:
+        frames = list(c.decode(video=0))
+    with av.open(str(tmp_path / 'plain.mp4')) as c:
+        first = next(c.decode(video=0)).to_ndarray(format='rgb24')
+    assert len(frames) == 20 and (frames[0].width, frames[0].height) == (64, 96) and not frames[0].rotation
+    turned = np.rot90(first, k=-1).astype(int)  # clockwise
+    assert np.abs(frames[0].to_ndarray(format='rgb24').astype(int) - turned).mean() < 6  # H.264 is lossy
