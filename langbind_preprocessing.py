@@ -53,6 +53,10 @@ def get_args_parser():
     parser.add_argument('--dtype', default='bf16', choices=sorted(DTYPES),
                         help='autocast precision on GPU (on CPU the model always runs in fp32)')
     parser.add_argument('--num_workers', default=2, type=int, help='decoding processes (0: decode in this process)')
+    parser.add_argument('--threads', default=None, type=int,
+                        help='CPU threads of the model (default: half the cores this process may use, the other '
+                             'half decodes). The numerics of a CPU forward pass depend on this number, so it never '
+                             'follows --num_workers: files are the same whatever the number of workers')
     parser.add_argument('--overwrite', action='store_true',
                         help='re-embed videos whose store file was written by another encoder (without it, '
                              'such files stop the run: one store must not mix encoders)')
@@ -232,12 +236,16 @@ def write_store(job, emb, model_name, random_init, segment_sec):
     save_video_embeddings(job['output_path'], emb, [s['start'] for s in segs], [s['end'] for s in segs], meta)
 
 
-def set_threads(device):
-    """The model's CPU threads: every core, whatever ``--num_workers`` (the numerics of a CPU forward
-    pass depend on its thread count; files must not depend on the number of decoding workers)."""
-    if device.type == 'cpu':
-        torch.set_num_threads(num_cpus())
-    else:
+def model_threads(threads=None):
+    """CPU threads of the model: ``threads``, else half the cores this process may use (at least 1).
+    Never derived from ``--num_workers``: the numerics of a CPU forward pass depend on the thread
+    count, and files must not depend on the number of decoding workers."""
+    return threads if threads else max(1, num_cpus() // 2)
+
+
+def set_threads(device, threads=None):
+    torch.set_num_threads(model_threads(threads))
+    if device.type != 'cpu':
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = False
@@ -254,13 +262,13 @@ def gather(obj, world):
 
 def main(args):
     entered = time.time()
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise InputError('need --batch_size >= 1 and --num_workers >= 0')
+    if args.batch_size < 1 or args.num_workers < 0 or (args.threads is not None and args.threads < 1):
+        raise InputError('need --batch_size >= 1, --num_workers >= 0 and --threads >= 1')
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = torch.device(default_device(args.device))
     dtype = DTYPES[args.dtype]
     torch.use_deterministic_algorithms(True, warn_only=True)
-    set_threads(device)
+    set_threads(device, args.threads)
     log = print if rank == 0 else (lambda *a, **k: None)
     spec, all_jobs = read_jobs(args.video_path_file)
     share = all_jobs[rank::world]
