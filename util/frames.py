@@ -28,13 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from util.errors import InputError
+
 NUM_FRAMES = 8
 SIZE = 224
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class DecodeError(RuntimeError):
+class DecodeError(InputError, RuntimeError):
     """A video (or one of its segments) could not be decoded; the message names file and segment."""
 
 

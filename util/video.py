@@ -12,10 +12,11 @@ import av
 import numpy as np
 from av.video.frame import PictureType
 
+from util.errors import InputError
 from util.fileio import atomic_write
 
 
-class VideoError(ValueError):
+class VideoError(InputError, ValueError):
     """A file that is not a usable video; the message says why (step 1 reports it in bad_videos.csv)."""
 
 
