@@ -72,18 +72,19 @@ def num_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
-def job_segments(job, threads=1):
+def job_segments(job, threads=1, shared=False):
     """``(segment index, [3, 8, 224, 224])`` of one job: segments with a ``path`` from that file
-    (the original release's re-encoded layout), the others from the long video, decoded once."""
+    (the original release's re-encoded layout), the others from the long video, decoded once
+    (``shared``: in shared memory, for a DataLoader worker)."""
     segs = job['segments']
     for i, s in enumerate(segs):
         if s.get('path'):
-            for _, x in decode_segments(s['path'], threads=threads):
+            for _, x in decode_segments(s['path'], threads=threads, shared=shared):
                 yield i, x
     windows = [i for i, s in enumerate(segs) if not s.get('path')]
     if windows:
         spans = [(segs[i]['start'], segs[i]['end']) for i in windows]
-        for k, x in decode_segments(job['video_path'], spans, threads=threads):
+        for k, x in decode_segments(job['video_path'], spans, threads=threads, shared=shared):
             yield windows[k], x
 
 
@@ -102,7 +103,7 @@ class SegmentFrames(IterableDataset):
         for j in range(wid, len(self.jobs), nw):
             index, pixels = [], []
             try:
-                for i, x in job_segments(self.jobs[j], threads):
+                for i, x in job_segments(self.jobs[j], threads, shared=info is not None):
                     index.append(i)
                     pixels.append(x)
                     if len(pixels) == self.chunk:

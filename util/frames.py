@@ -109,15 +109,16 @@ def _packets_then_flush(container, stream, need):
 SKIP_NONREF_CODECS = {'h264', 'hevc', 'mpeg2video', 'mpeg1video'}
 
 
-def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, stats=None):
+def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, stats=None, shared=False):
     """Yield ``(k, [3, num, 224, 224])`` for each window ``k`` of ``windows`` (``[(start, end)]`` in
     seconds; ``None``: the whole file is one segment), in order, opening ``path`` once and decoding it
     once (``threads`` FFmpeg threads). Each is a view of ``[num, 3, 224, 224]`` memory, the layout
     the model reshapes to. A window that holds no frame (a pause in a variable-frame-rate video) takes
     the last frame before it, ``num`` times. ``skip``: let the decoder drop the non-reference frames
     no segment samples (the frames returned are the same either way). ``stats`` (a dict) receives the
-    number of frames decoded and converted. Raises DecodeError naming the file and the segment it
-    stopped at."""
+    number of frames decoded and converted. ``shared``: build each segment in shared memory (a
+    DataLoader worker then hands it over without a copy). Raises DecodeError naming the file and the
+    segment it stopped at."""
     def where(k):
         return f'{path}: segment {k} [{windows[k][0]:g}-{windows[k][1]:g} s]' if windows else path
 
@@ -167,6 +168,8 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
                     for k, slot in wanted[todo[nxt]]:
                         if buffers[k] is None:
                             buffers[k] = torch.empty(num, 3, SIZE, SIZE)
+                            if shared:
+                                buffers[k].share_memory_()
                         buffers[k][slot] = x
                         missing[k] -= 1
                     nxt += 1
