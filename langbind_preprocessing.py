@@ -267,6 +267,8 @@ def main(args):
         raise InputError('need --batch_size >= 1, --num_workers >= 0 and --threads >= 1')
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = torch.device(default_device(args.device))
+    if device.type == 'cuda' and device.index is None:  # --device cuda under torchrun: this rank's GPU
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     dtype = DTYPES[args.dtype]
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_threads(device, args.threads)
