@@ -288,6 +288,7 @@ def main(args):
     start, first = time.time(), []  # work time: from here (decoding starts) to the last file written
     loader = iter(DataLoader(SegmentFrames(jobs, CHUNK), batch_size=None, num_workers=args.num_workers))
     encoder = load_encoder(args.model_path, args.random_init).to(device)
+    model_load_s = time.time() - start
     if args.random_init:
         log(f'WARNING: random {args.random_init} encoder (testing only); files are marked random_init=1')
 
@@ -342,7 +343,7 @@ def main(args):
     failure_file = failures_path(args.video_path_file, spec, all_jobs)
     summary = {'jobs': n_jobs, 'already_complete': n_skip, 'written': n_written, 'failed': n_failed,
                'failures_file': failure_file, 'segments': n_seg, 'seconds': round(elapsed, 2),
-               'first_batch_s': round(first[0] - entered, 2) if first else None,
+               'model_load_s': round(model_load_s, 2), 'first_batch_s': round(first[0] - entered, 2) if first else None,
                'total_s': round(time.time() - entered, 2),
                'segments_per_s': round(n_seg / elapsed, 2),
                'video_minutes_per_min': round(float(totals[5]) / (elapsed / 60), 2)}

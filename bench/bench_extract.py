@@ -7,7 +7,9 @@ with the same encoder, on generated videos. One JSON line per measurement.
     python bench/bench_extract.py --config huge --device cuda --dtype bf16 --batch_size 64 --skip_reencode
     python bench/bench_extract.py --decode_limit               # step 3 against decoding every frame
 
-Throughput counts steps 1 + 3 (probe or re-encode, then embed); model loading is not counted.
+Throughput counts steps 1 + 3 (probe or re-encode, then embed). Step 3 loads the encoder's weights
+while its workers already decode, so its time includes that overlap (its summary's ``model_load_s``;
+about 0.1 s for the tiny encoder, much more for ``--config huge``).
 
 ``--decode_limit`` generates realistic H.264 (2 videos of 2 minutes, 480x270, 30 fps, libx264's
 defaults with B-frames, textured moving content), times decoding every frame of them with
