@@ -133,7 +133,10 @@ def main(args):
                  for k, shard in enumerate(shard_jobs(todo, args.num_shards))]
     header = {'version': 1, 'segment_sec': segment_length(jobs), 'embedding_dir': embedding_dir}
     for path, shard in files:
-        atomic_write_text(path, json.dumps(dict(header, jobs=shard), indent=1))
+        try:
+            atomic_write_text(path, json.dumps(dict(header, jobs=shard), indent=1))
+        except OSError as e:
+            raise InputError(f'{path}: cannot write the job file ({e.strerror or e})') from None
         print(f'{path}: {len(shard)} videos, {sum(len(j["segments"]) for j in shard)} segments')
     done = [j['output_path'] for j in jobs if j not in todo]
     print(f'{len(jobs)} videos in {args.segments_csv}: {len(done)} already complete in '

@@ -9,6 +9,7 @@ H.264 file ``<output_dir>/<video_id>/<start>-<end>/video.mp4`` (the original rel
 import argparse
 import os
 import sys
+import tempfile
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -95,6 +96,15 @@ def write_csv(path, rows, columns):
     atomic_write(path, lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False))
 
 
+def check_writable(folder):
+    """Create ``folder`` and write a file there now, before hours of probing (InputError if not)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise InputError(f'--output_dir {folder}: cannot write there ({e.strerror or e})') from None
+
+
 def main(args):
     if not os.path.isdir(args.video_dir):
         raise InputError(f'--video_dir {args.video_dir} is not a folder')
@@ -105,6 +115,7 @@ def main(args):
     if not videos:
         raise InputError(f'--video_dir {args.video_dir}: no video files (extensions {" ".join(args.extensions)}; '
                          f'subfolders are searched too)')
+    check_writable(out_dir)
     print(f'found {len(videos)} videos under {args.video_dir}')
 
     work = partial(process_video, segment_sec=args.segment_sec, min_last_sec=args.min_last_sec,
@@ -121,7 +132,6 @@ def main(args):
         segments.extend(rows)
         if reason:
             bad.append(dict(video_path=path, reason=reason))
-    os.makedirs(out_dir, exist_ok=True)
     write_csv(os.path.join(out_dir, 'segments_metadata.csv'), segments, SEGMENT_COLUMNS)
     write_csv(os.path.join(out_dir, 'bad_videos.csv'), bad, BAD_COLUMNS)
 

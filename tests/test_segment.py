@@ -364,3 +364,16 @@ def test_reencode_turns_rotated_videos_upright(tmp_path):
     assert len(frames) == 20 and (frames[0].width, frames[0].height) == (64, 96) and not frames[0].rotation
     turned = np.rot90(first, k=-1).astype(int)  # clockwise
     assert np.abs(frames[0].to_ndarray(format='rgb24').astype(int) - turned).mean() < 6  # H.264 is lossy
+
+
+def test_unwritable_output_folder_is_an_error(library, tmp_path):
+    """Step 1 checks --output_dir before probing (here a file stands where the folder should be);
+    step 2 names a job file it cannot write."""
+    (tmp_path / 'taken').write_text('a file, not a folder')
+    with pytest.raises(InputError, match='--output_dir .*taken: cannot write there'):
+        run_step1(library, tmp_path / 'taken', '--num_workers', '0')
+    csv = tmp_path / 'seg.csv'
+    pd.DataFrame([dict(video_id='a', video_path='/x/a.mp4', segment_index=0, start=0.0, end=5.0, num_frames=50,
+                       fps=10.0, duration=5.0, segment_path='')]).to_csv(csv, index=False)
+    with pytest.raises(InputError, match='taken/jobs.json: cannot write the job file'):
+        run_step2('--segments_csv', csv, '--embedding_dir', tmp_path / 'emb', '--out_json', tmp_path / 'taken' / 'jobs.json')
