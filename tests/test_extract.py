@@ -337,3 +337,27 @@ def test_skipping_unsampled_frames_keeps_the_frames(tmp_path, options, threads):
     assert [k for k, _ in ours] == [k for k, _ in ref] == [0, 1, 2]
     for (_, x), (_, y) in zip(ours, ref):
         assert torch.equal(x, y)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_jobs_and_failures(library, tmp_path):
+    """Two ranks: every video once, files identical to one process's, the failures of every rank in
+    one failures file written by rank 0, and the end-job file counting them."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    videos = [('a', library / 'a.mp4', windows(12.3)), ('g', library / 'garbage.mp4', [(0.0, 5.0)]),
+              ('c', library / 'c.mp4', windows(3.0))]
+    run(one_job_file(tmp_path / 'one.json', tmp_path / 'one', videos), '--num_workers', '0')
+    jobs, end = one_job_file(tmp_path / 'two.json', tmp_path / 'two', videos), tmp_path / 'end.json'
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        'langbind_preprocessing.py', '--video_path_file', str(jobs), '--random_init', 'tiny',
+                        '--batch_size', '4', '--num_workers', '0', '--device', 'cpu', '--end_job_file', str(end)],
+                       cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'PYTHONPATH': root + os.pathsep + os.environ.get('PYTHONPATH', '')})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads(end.read_text())
+    assert (summary['jobs'], summary['written'], summary['failed']) == (3, 2, 1)
+    assert pd.read_csv(tmp_path / 'two' / 'failed_two.csv')['video_id'].tolist() == ['g']  # rank 1's failure
+    for vid in ['a', 'c']:
+        assert (tmp_path / 'two' / f'{vid}.safetensors').read_bytes() == (tmp_path / 'one' / f'{vid}.safetensors').read_bytes()
