@@ -18,7 +18,7 @@ def atomic_write(path, write_fn):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(path), suffix='.tmp')
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held while writing: remove_stale_temporaries leaves the file alone
+        _try_lock(fd)  # held while writing: remove_stale_temporaries leaves the file alone
         write_fn(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
@@ -28,6 +28,13 @@ def atomic_write(path, write_fn):
         raise
     finally:
         os.close(fd)
+
+
+def _try_lock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks: writing matters more (its temporaries are then never swept)
+        pass
 
 
 def temporary_prefix(path):
@@ -47,7 +54,7 @@ def remove_stale_temporaries(paths, min_age_s=60.0):
     for folder, starts in prefixes.items():
         try:
             names = os.listdir(folder)
-        except FileNotFoundError:
+        except OSError:
             continue
         for name in names:
             if not (name.endswith('.tmp') and name.startswith('.')) or name[:name.rfind('.', 0, -4) + 1] not in starts:
@@ -62,7 +69,7 @@ def remove_stale_temporaries(paths, min_age_s=60.0):
                 if time.time() - os.fstat(fd).st_mtime >= min_age_s:
                     os.remove(tmp)
                     removed.append(tmp)
-            except (BlockingIOError, FileNotFoundError):
+            except OSError:  # locked by its writer, gone, or a file system without locks: leave it
                 pass
             finally:
                 os.close(fd)
