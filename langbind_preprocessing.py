@@ -6,30 +6,36 @@ that are used converted and shrunk); the main process runs the vision tower on b
 as all its segments are embedded. Finished videos are skipped, so a killed run is resumed by
 running the same command again. Under ``torchrun --nproc_per_node N`` rank r takes jobs r, r+N, ...
 
+A video that fails (it does not decode, its file cannot be written) never stops the others: it is
+listed in ``<embedding_dir>/failed_<job file name>.csv``, counted in the summary and in
+``--end_job_file``; ``--strict`` then makes the exit status 1.
+
     python langbind_preprocessing.py --video_path_file data/lvu_segments/paired_paths.json \
         --model_path checkpoints/LanguageBind_Video_Huge_V1.5_FT
 """
 import argparse
 import datetime
-import glob
 import json
 import os
 import sys
 import time
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from prepare_paired_paths import is_complete
-from util.embeddings import save_video_embeddings
-from util.fileio import atomic_write_text
+from util.embeddings import EmbeddingError, is_complete, same_encoder, save_video_embeddings, store_encoder
+from util.errors import InputError, run_main
+from util.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
 from util.frames import NUM_FRAMES, DecodeError, decode_segments
-from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder
+from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder, video_modules
+from util.misc import default_device
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 CHUNK = 8  # segments per item a worker sends (4.8 MB each in shared memory)
+FAILURE_COLUMNS = ['video_id', 'video_path', 'reason']
 
 
 def get_args_parser():
@@ -41,10 +47,21 @@ def get_args_parser():
                         help='use a randomly initialised encoder of this size (fixed seed; for tests, demos '
                              'and timing only: its files carry random_init=1)')
     parser.add_argument('--batch_size', default=64, type=int, help='segments per forward pass')
-    parser.add_argument('--device', default='auto', help='auto (cuda when available), cpu, cuda or cuda:N')
+    parser.add_argument('--device', default='auto',
+                        help='auto (cuda:$LOCAL_RANK under torchrun, else cuda when available, else cpu), '
+                             'cpu, cuda or cuda:N')
     parser.add_argument('--dtype', default='bf16', choices=sorted(DTYPES),
                         help='autocast precision on GPU (on CPU the model always runs in fp32)')
     parser.add_argument('--num_workers', default=2, type=int, help='decoding processes (0: decode in this process)')
+    parser.add_argument('--threads', default=None, type=int,
+                        help='CPU threads of the model (default: half the cores this process may use, the other '
+                             'half decodes). The numerics of a CPU forward pass depend on this number, so it never '
+                             'follows --num_workers: files are the same whatever the number of workers')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='re-embed videos whose store file was written by another encoder (without it, '
+                             'such files stop the run: one store must not mix encoders)')
+    parser.add_argument('--strict', action='store_true',
+                        help='exit with status 1 when any video failed (default: list it and go on)')
     parser.add_argument('--end_job_file', default=None,
                         help='file written when every job of the job file has been processed (a summary, JSON)')
     return parser
@@ -55,25 +72,26 @@ def num_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
-def job_segments(job, threads=1):
+def job_segments(job, threads=1, shared=False):
     """``(segment index, [3, 8, 224, 224])`` of one job: segments with a ``path`` from that file
-    (the original release's re-encoded layout), the others from the long video, decoded once."""
+    (the original release's re-encoded layout), the others from the long video, decoded once
+    (``shared``: in shared memory, for a DataLoader worker)."""
     segs = job['segments']
     for i, s in enumerate(segs):
         if s.get('path'):
-            for _, x in decode_segments(s['path'], threads=threads):
+            for _, x in decode_segments(s['path'], threads=threads, shared=shared):
                 yield i, x
     windows = [i for i, s in enumerate(segs) if not s.get('path')]
     if windows:
         spans = [(segs[i]['start'], segs[i]['end']) for i in windows]
-        for k, x in decode_segments(job['video_path'], spans, threads=threads):
+        for k, x in decode_segments(job['video_path'], spans, threads=threads, shared=shared):
             yield windows[k], x
 
 
 class SegmentFrames(IterableDataset):
     """Items: ``{'job', 'index': [n], 'pixels': n x [3, 8, 224, 224]}``, chunks of at most ``chunk``
-    segments of one job, or ``{'job', 'error'}`` when its video fails to decode. Each worker takes
-    whole jobs (worker w of W: jobs w, w+W, ...)."""
+    segments of one job, or ``{'job', 'error'}`` when its video fails (any error: one video never
+    stops the others). Each worker takes whole jobs (worker w of W: jobs w, w+W, ...)."""
 
     def __init__(self, jobs, chunk):
         self.jobs, self.chunk = jobs, chunk
@@ -85,14 +103,14 @@ class SegmentFrames(IterableDataset):
         for j in range(wid, len(self.jobs), nw):
             index, pixels = [], []
             try:
-                for i, x in job_segments(self.jobs[j], threads):
+                for i, x in job_segments(self.jobs[j], threads, shared=info is not None):
                     index.append(i)
                     pixels.append(x)
                     if len(pixels) == self.chunk:
                         yield {'job': j, 'index': index, 'pixels': pixels}
                         index, pixels = [], []
-            except DecodeError as e:
-                yield {'job': j, 'error': str(e)}
+            except Exception as e:  # noqa: BLE001 -- reported as this video's failure
+                yield {'job': j, 'error': str(e) if isinstance(e, DecodeError) else f'{type(e).__name__}: {e}'}
                 continue
             if pixels:
                 yield {'job': j, 'index': index, 'pixels': pixels}
@@ -112,13 +130,48 @@ def embed(encoder, segments, batch_size, device, dtype):
         return encoder(pixels)[:len(segments)].float().cpu()
 
 
-def pick_device(name, local_rank):
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(name)
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', local_rank)
-    return device
+class Batcher:
+    """Segments of several videos in, forward passes of ``batch_size`` segments, and each video's
+    ``[N, D]`` embeddings out as soon as all its segments are embedded. ``embed_fn(list of pixels)``
+    gives the embeddings of at most ``batch_size`` segments."""
+
+    def __init__(self, sizes, embed_fn, batch_size):
+        self.out = {j: [None] * n for j, n in sizes.items()}  # embeddings being filled
+        self.left = dict(sizes)  # segments of each video still to embed
+        self.embed_fn, self.batch_size = embed_fn, batch_size
+        self.queue = []  # (video, segment index, pixels) awaiting a forward pass
+
+    def add(self, j, index, pixels):
+        """Queue segments of video ``j``; returns ``[(video, embeddings)]`` of the videos finished."""
+        self.queue.extend((j, i, x) for i, x in zip(index, pixels))
+        done = []
+        while len(self.queue) >= self.batch_size:
+            done += self._run()
+        return done
+
+    def drop(self, j):
+        """Forget video ``j`` (it failed); returns the number of its segments not embedded yet."""
+        self.queue = [q for q in self.queue if q[0] != j]
+        self.out.pop(j, None)
+        return self.left.pop(j, 0)
+
+    def flush(self):
+        done = []
+        while self.queue:
+            done += self._run()
+        return done
+
+    def _run(self):
+        take, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
+        emb = self.embed_fn([x for _, _, x in take])
+        done = []
+        for (j, i, _), e in zip(take, emb):
+            self.out[j][i] = e
+            self.left[j] -= 1
+            if self.left[j] == 0:
+                del self.left[j]
+                done.append((j, torch.stack(self.out.pop(j))))
+        return done
 
 
 def read_jobs(path):
@@ -131,10 +184,50 @@ def read_jobs(path):
                 if key not in job:
                     raise KeyError(key)
     except FileNotFoundError:
-        sys.exit(f'error: job file {path} not found (write it with prepare_paired_paths.py)')
+        raise InputError(f'job file {path} not found (write it with prepare_paired_paths.py)') from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        sys.exit(f'error: {path} is not a job file of prepare_paired_paths.py ({type(e).__name__}: {e})')
+        raise InputError(f'{path} is not a job file of prepare_paired_paths.py ({type(e).__name__}: {e})') from None
     return spec, jobs
+
+
+def failures_path(job_file, spec, jobs):
+    """``failed_<job file name>.csv`` beside the outputs (the job file's embedding folder)."""
+    folder = spec.get('embedding_dir') or (os.path.dirname(jobs[0]['output_path']) if jobs else '.')
+    return os.path.join(folder, f'failed_{os.path.splitext(os.path.basename(job_file))[0]}.csv')
+
+
+def foreign_store_files(jobs, model_name, random_init):
+    """``[(job, recorded model, recorded random_init)]`` of the jobs whose store file exists and was
+    written by another encoder (unreadable files are simply redone)."""
+    mine = '1' if random_init else '0'
+    found = []
+    for job in jobs:
+        if os.path.isfile(job['output_path']):
+            try:
+                model, rand = store_encoder(job['output_path'])
+            except EmbeddingError:
+                continue
+            if not (same_encoder(model, model_name) and rand == mine):
+                found.append((job, model, rand))
+    return found
+
+
+def check_encoder(jobs, model_name, random_init, overwrite, log):
+    """Stop (or, with ``overwrite``, only say) when store files of these jobs hold another encoder's
+    embeddings: one store must not mix encoders."""
+    foreign = foreign_store_files(jobs, model_name, random_init)
+    if not foreign:
+        return
+    job, model, rand = foreign[0]
+    theirs = f'{model or "an unknown encoder"}' + (' (random weights)' if rand == '1' else '')
+    mine = model_name + (' (random weights)' if random_init else '')
+    if overwrite:
+        log(f'--overwrite: re-embedding {len(foreign)} video(s) whose store file holds another encoder '
+            f'(e.g. {job["output_path"]}: {theirs})')
+        return
+    raise InputError(f'{len(foreign)} store file(s) of this job file were written by another encoder: '
+                     f'{job["output_path"]} holds {theirs}, this run uses {mine}. Pass --overwrite to '
+                     f're-embed them, or write to another --embedding_dir (step 2)')
 
 
 def write_store(job, emb, model_name, random_init, segment_sec):
@@ -142,96 +235,131 @@ def write_store(job, emb, model_name, random_init, segment_sec):
     meta = {'video_id': job['video_id'], 'model': model_name, 'random_init': '1' if random_init else '0',
             'segment_sec': segment_sec, 'num_frames_per_segment': NUM_FRAMES}
     save_video_embeddings(job['output_path'], emb, [s['start'] for s in segs], [s['end'] for s in segs], meta)
-    # temporary files left by a run killed while writing this store file
-    out = job['output_path']
-    for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(out) or '.'),
-                                      '.' + glob.escape(os.path.basename(out)) + '.*.tmp')):
-        os.remove(tmp)
 
 
-def main(args):
-    if args.batch_size < 1 or args.num_workers < 0:
-        sys.exit('error: need --batch_size >= 1 and --num_workers >= 0')
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = pick_device(args.device, int(os.environ.get('LOCAL_RANK', 0)))
-    dtype = DTYPES[args.dtype]
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == 'cpu':
-        if args.num_workers:  # leave the decoding workers their cores
-            torch.set_num_threads(max(1, num_cpus() - args.num_workers))
-    else:
+def model_threads(threads=None):
+    """CPU threads of the model: ``threads``, else half the cores this process may use (at least 1).
+    Never derived from ``--num_workers``: the numerics of a CPU forward pass depend on the thread
+    count, and files must not depend on the number of decoding workers."""
+    return threads if threads else max(1, num_cpus() // 2)
+
+
+def set_threads(device, threads=None):
+    torch.set_num_threads(model_threads(threads))
+    if device.type != 'cpu':
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = False
+
+
+def gather(obj, world):
+    """Every rank's ``obj`` as a list (a one-item list in one process)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def main(args):
+    entered = time.time()
+    if args.batch_size < 1 or args.num_workers < 0 or (args.threads is not None and args.threads < 1):
+        raise InputError('need --batch_size >= 1, --num_workers >= 0 and --threads >= 1')
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    device = torch.device(default_device(args.device))
+    if device.type == 'cuda' and device.index is None:  # --device cuda under torchrun: this rank's GPU
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    dtype = DTYPES[args.dtype]
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    set_threads(device, args.threads)
+    log = print if rank == 0 else (lambda *a, **k: None)
     spec, all_jobs = read_jobs(args.video_path_file)
     share = all_jobs[rank::world]
-    jobs = [j for j in share if not is_complete(j['output_path'], j['segments'])]
+    model_name = f'random_init:{args.random_init}' if args.random_init else args.model_path
+    check_encoder(share, model_name, args.random_init, args.overwrite, log)
+    jobs = [j for j in share if not is_complete(j['output_path'], j['segments'], model_name, args.random_init)]
     skipped = len(share) - len(jobs)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    remove_stale_temporaries([j['output_path'] for j in jobs])
     log(f'{len(all_jobs)} jobs in {args.video_path_file}; rank {rank}/{world}: {len(share)} jobs, '
         f'{skipped} already complete, {len(jobs)} to do ({sum(len(j["segments"]) for j in jobs)} segments) '
         f'on {device}')
 
-    model_name = f'random_init:{args.random_init}' if args.random_init else args.model_path
+    video_modules()  # the model's code first; then the workers decode while its weights load
+    start, first = time.time(), []  # work time: from here (decoding starts) to the last file written
+    loader = iter(DataLoader(SegmentFrames(jobs, CHUNK), batch_size=None, num_workers=args.num_workers))
     encoder = load_encoder(args.model_path, args.random_init).to(device)
+    model_load_s = time.time() - start
     if args.random_init:
         log(f'WARNING: random {args.random_init} encoder (testing only); files are marked random_init=1')
 
-    loader = DataLoader(SegmentFrames(jobs, CHUNK), batch_size=None, num_workers=args.num_workers)
-    out = {j: [None] * len(job['segments']) for j, job in enumerate(jobs)}  # embeddings being filled
-    left = {j: len(job['segments']) for j, job in enumerate(jobs)}
-    failed, queue = {}, []  # queue: (job, segment index, pixels [3, 8, 224, 224]) awaiting a forward pass
-    bar = tqdm(total=sum(left.values()), unit='seg', desc=f'rank {rank}', position=rank, disable=None)
-    start, written, segments, minutes = time.time(), 0, 0, 0.0
+    def embed_batch(x):
+        e = embed(encoder, x, args.batch_size, device, dtype)
+        if not first:
+            first.append(time.time())
+        return e
 
-    def run_batch():
+    batcher = Batcher({j: len(job['segments']) for j, job in enumerate(jobs)}, embed_batch, args.batch_size)
+    failed = {}  # job -> reason
+    bar = tqdm(total=sum(len(j['segments']) for j in jobs), unit='seg', desc=f'rank {rank}', position=rank,
+               disable=None)
+    written, segments, minutes = 0, 0, 0.0
+
+    def fail(j, reason):
+        failed[j] = reason
+        bar.total -= batcher.drop(j)
+        tqdm.write(f'failed {jobs[j]["video_id"]}: {reason}')
+
+    def finish(done):
         nonlocal written, segments, minutes
-        take = queue[:args.batch_size]
-        del queue[:args.batch_size]
-        emb = embed(encoder, [x for _, _, x in take], args.batch_size, device, dtype)
-        for (j, i, _), e in zip(take, emb):
-            out[j][i] = e
-            left[j] -= 1
-            if left[j] == 0:
-                write_store(jobs[j], torch.stack(out.pop(j)), model_name, args.random_init,
-                            spec.get('segment_sec', ''))
-                written, segments = written + 1, segments + len(jobs[j]['segments'])
-                minutes += float(jobs[j].get('duration') or jobs[j]['segments'][-1]['end']) / 60
-        bar.update(len(take))
+        for j, emb in done:
+            job = jobs[j]
+            try:
+                write_store(job, emb, model_name, args.random_init, spec.get('segment_sec', ''))
+            except (OSError, ValueError) as e:  # e.g. a name the file system refuses, a full disk
+                fail(j, f'cannot write {job["output_path"]} ({type(e).__name__}: {e})')
+                continue
+            written, segments = written + 1, segments + len(job['segments'])
+            minutes += float(job.get('duration') or job['segments'][-1]['end']) / 60
+            bar.update(len(job['segments']))
 
     for item in loader:
-        j = item['job']
         if 'error' in item:  # drop what was decoded or embedded of this video
-            failed[j] = item['error']
-            queue[:] = [q for q in queue if q[0] != j]
-            bar.total -= left.pop(j)
-            out.pop(j)
-            tqdm.write(f'skipped {jobs[j]["video_id"]}: {item["error"]}')
-            continue
-        queue.extend((j, i, x) for i, x in zip(item['index'], item['pixels']))
-        while len(queue) >= args.batch_size:
-            run_batch()
-    while queue:
-        run_batch()
+            fail(item['job'], item['error'])
+        else:
+            finish(batcher.add(item['job'], item['index'], item['pixels']))
+    finish(batcher.flush())
     bar.close()
 
     totals = torch.tensor([len(share), skipped, written, len(failed), segments, minutes], dtype=torch.float64)
+    failures = [dict(video_id=jobs[j]['video_id'], video_path=jobs[j]['video_path'], reason=r)
+                for j, r in failed.items()]
     if world > 1:  # sum over ranks; this also makes rank 0 wait for every rank before the end file
         dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
         dist.all_reduce(totals)
+        failures = [f for part in gather(failures, world) for f in part]
         dist.destroy_process_group()
     elapsed = time.time() - start
-    for j, msg in failed.items():
-        print(f'FAILED {jobs[j]["video_id"]}: {msg}')
     n_jobs, n_skip, n_written, n_failed, n_seg = (int(v) for v in totals[:5])
+    failure_file = failures_path(args.video_path_file, spec, all_jobs)
     summary = {'jobs': n_jobs, 'already_complete': n_skip, 'written': n_written, 'failed': n_failed,
-               'segments': n_seg, 'seconds': round(elapsed, 1), 'segments_per_s': round(n_seg / elapsed, 2),
+               'failures_file': failure_file, 'segments': n_seg, 'seconds': round(elapsed, 2),
+               'model_load_s': round(model_load_s, 2), 'first_batch_s': round(first[0] - entered, 2) if first else None,
+               'total_s': round(time.time() - entered, 2),
+               'segments_per_s': round(n_seg / elapsed, 2),
                'video_minutes_per_min': round(float(totals[5]) / (elapsed / 60), 2)}
+    if rank == 0:
+        failures.sort(key=lambda f: f['video_id'])
+        atomic_write(failure_file, lambda tmp: pd.DataFrame(failures, columns=FAILURE_COLUMNS).to_csv(tmp, index=False))
+        for f in failures[:20]:
+            print(f'FAILED {f["video_id"]}: {f["reason"]}')
+        if args.end_job_file:
+            atomic_write_text(args.end_job_file, json.dumps(summary) + '\n')
     log('summary: ' + json.dumps(summary))
-    if rank == 0 and args.end_job_file:
-        atomic_write_text(args.end_job_file, json.dumps(summary) + '\n')
+    log(f'{n_failed} video(s) failed' + (f', listed in {failure_file}' if n_failed else ''))
+    if args.strict and n_failed:
+        sys.exit(1)
     return summary
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser().parse_args())

@@ -13,19 +13,19 @@ import heapq
 import json
 import math
 import os
-import sys
+from collections import Counter
 
-import numpy as np
 import pandas as pd
 
-from util.embeddings import EmbeddingError, embedding_path, load_video_embeddings
+from util.embeddings import EmbeddingError, embedding_path, is_complete, store_encoder
+from util.errors import InputError, run_main
 from util.fileio import atomic_write_text
 
 REQUIRED_COLUMNS = ['video_id', 'video_path', 'segment_index', 'start', 'end', 'num_frames', 'fps', 'duration']
 NUMBERS = {'segment_index': int, 'start': float, 'end': float, 'num_frames': int, 'fps': float, 'duration': float}
 
 
-class SegmentsError(ValueError):
+class SegmentsError(InputError, ValueError):
     """Malformed segments CSV; the message names the file (and row)."""
 
 
@@ -83,20 +83,6 @@ def read_segments(csv_path):
     return [jobs[v] for v in sorted(jobs)]
 
 
-def is_complete(output_path, segments):
-    """True when the store file at ``output_path`` loads and holds one embedding per segment, with
-    the same start and end times (``segments``: dicts with ``start`` and ``end``)."""
-    if not os.path.isfile(output_path):
-        return False
-    try:
-        emb, starts, ends = load_video_embeddings(output_path, with_times=True)
-    except EmbeddingError:
-        return False
-    return (emb.shape[0] == len(segments)
-            and np.allclose(starts.numpy(), [s['start'] for s in segments], rtol=0, atol=1e-6)
-            and np.allclose(ends.numpy(), [s['end'] for s in segments], rtol=0, atol=1e-6))
-
-
 def shard_jobs(jobs, num_shards):
     """Split ``jobs`` into ``num_shards`` lists with near-equal segment totals (largest job first to
     the lightest shard); each shard keeps the jobs' order."""
@@ -116,13 +102,22 @@ def segment_length(jobs):
     return max((round(s['end'] - s['start'], 6) for s in segs), default=0.0)
 
 
+def encoders(paths):
+    """How many of the store files ``paths`` each encoder wrote: ``{"<model>[ (random weights)]": n}``."""
+    found = Counter()
+    for p in paths:
+        try:
+            model, rand = store_encoder(p)
+        except EmbeddingError:
+            continue
+        found[f'{model or "unknown encoder"}' + (' (random weights)' if rand == '1' else '')] += 1
+    return dict(found)
+
+
 def main(args):
     if args.num_shards < 1:
-        sys.exit('error: --num_shards must be >= 1')
-    try:
-        jobs = read_segments(args.segments_csv)
-    except SegmentsError as e:
-        sys.exit(f'error: {e}')
+        raise InputError('--num_shards must be >= 1')
+    jobs = read_segments(args.segments_csv)
     embedding_dir = os.path.abspath(args.embedding_dir)
     for job in jobs:
         job['output_path'] = embedding_path(embedding_dir, job['video_id'])
@@ -138,12 +133,18 @@ def main(args):
                  for k, shard in enumerate(shard_jobs(todo, args.num_shards))]
     header = {'version': 1, 'segment_sec': segment_length(jobs), 'embedding_dir': embedding_dir}
     for path, shard in files:
-        atomic_write_text(path, json.dumps(dict(header, jobs=shard), indent=1))
+        try:
+            atomic_write_text(path, json.dumps(dict(header, jobs=shard), indent=1))
+        except OSError as e:
+            raise InputError(f'{path}: cannot write the job file ({e.strerror or e})') from None
         print(f'{path}: {len(shard)} videos, {sum(len(j["segments"]) for j in shard)} segments')
-    print(f'{len(jobs)} videos in {args.segments_csv}: {len(jobs) - len(todo)} already complete in '
+    done = [j['output_path'] for j in jobs if j not in todo]
+    print(f'{len(jobs)} videos in {args.segments_csv}: {len(done)} already complete in '
           f'{embedding_dir} (left out), {len(todo)} to do')
+    if done:  # step 3 refuses to add another encoder's files to these; step 4 refuses a mix
+        print(f'  complete files by encoder: {encoders(done)}')
     return files
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser().parse_args())

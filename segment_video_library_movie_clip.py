@@ -1,14 +1,15 @@
 """Step 1: find the videos of a folder (recursively) and cut each into consecutive segment windows.
 
-Writes ``<out_dir>/segments_metadata.csv`` (one row per segment) and ``<out_dir>/bad_videos.csv``
+Writes ``<output_dir>/segments_metadata.csv`` (one row per segment) and ``<output_dir>/bad_videos.csv``
 (videos skipped, with the reason). With ``--reencode`` each segment is also written as its own
-H.264 file ``<out_dir>/<video_id>/<start>-<end>/video.mp4`` (the original release's layout).
+H.264 file ``<output_dir>/<video_id>/<start>-<end>/video.mp4`` (the original release's layout).
 
-    python segment_video_library_movie_clip.py --video_dir videos/ --out_dir data/lvu_segments
+    python segment_video_library_movie_clip.py --video_dir videos/ --output_dir data/lvu_segments
 """
 import argparse
 import os
 import sys
+import tempfile
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -16,6 +17,7 @@ from functools import partial
 import pandas as pd
 from tqdm import tqdm
 
+from util.errors import InputError, run_main
 from util.fileio import atomic_write
 from util.video import VideoError, probe_video, reencode_segments, segment_file, segment_windows
 
@@ -27,8 +29,9 @@ BAD_COLUMNS = ['video_path', 'reason']
 def get_args_parser():
     parser = argparse.ArgumentParser('Cut long videos into segment windows', add_help=True)
     parser.add_argument('--video_dir', required=True, help='folder searched recursively for videos')
-    parser.add_argument('--out_dir', required=True,
-                        help='where segments_metadata.csv, bad_videos.csv (and --reencode files) go')
+    parser.add_argument('--output_dir', '--out_dir', dest='output_dir', required=True,
+                        help='where segments_metadata.csv, bad_videos.csv (and --reencode files) go '
+                             '(--out_dir: the same flag under its former name)')
     parser.add_argument('--segment_sec', default=5.0, type=float, help='segment length in seconds')
     parser.add_argument('--min_last_sec', default=1.0, type=float,
                         help='drop a final segment shorter than this (seconds)')
@@ -38,17 +41,20 @@ def get_args_parser():
                         help='processes probing (and re-encoding) videos in parallel; 0 = in this process')
     parser.add_argument('--reencode', action='store_true',
                         help='also write each segment as its own H.264 file (slower, needs disk space)')
+    parser.add_argument('--strict', action='store_true',
+                        help='exit with status 1 when any video was skipped (default: list it in bad_videos.csv '
+                             'and go on)')
     return parser
 
 
 def video_id(path, video_dir):
-    """Path relative to ``video_dir`` without extension, '/' replaced by '-' (DESIGN.md section 2)."""
+    """Path relative to ``video_dir`` without extension, '/' replaced by '-' (see docs/DATA.md)."""
     return os.path.splitext(os.path.relpath(path, video_dir))[0].replace(os.sep, '-')
 
 
 def find_videos(video_dir, extensions, exclude_dir=None):
     """``{video_id: absolute path}`` of every video under ``video_dir`` (skipping ``exclude_dir``).
-    Exits with an error listing every video id that two files would share."""
+    Raises ``InputError`` listing every video id that two files would share."""
     exts = {'.' + e.lower().lstrip('.') for e in extensions}
     exclude = os.path.abspath(exclude_dir) if exclude_dir else None
     by_id = defaultdict(list)
@@ -61,7 +67,7 @@ def find_videos(video_dir, extensions, exclude_dir=None):
     clashes = {vid: paths for vid, paths in by_id.items() if len(paths) > 1}
     if clashes:
         lines = '\n'.join(f'  {vid}: {", ".join(sorted(p))}' for vid, p in sorted(clashes.items()))
-        sys.exit(f'error: several files give the same video id (rename them or narrow --extensions):\n{lines}')
+        raise InputError(f'several files give the same video id (rename them or narrow --extensions):\n{lines}')
     return {vid: paths[0] for vid, paths in sorted(by_id.items())}
 
 
@@ -90,13 +96,26 @@ def write_csv(path, rows, columns):
     atomic_write(path, lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False))
 
 
+def check_writable(folder):
+    """Create ``folder`` and write a file there now, before hours of probing (InputError if not)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise InputError(f'--output_dir {folder}: cannot write there ({e.strerror or e})') from None
+
+
 def main(args):
     if not os.path.isdir(args.video_dir):
-        sys.exit(f'error: --video_dir {args.video_dir} is not a folder')
+        raise InputError(f'--video_dir {args.video_dir} is not a folder')
     if not 0 <= args.min_last_sec <= args.segment_sec or args.segment_sec <= 0:
-        sys.exit('error: need --segment_sec > 0 and 0 <= --min_last_sec <= --segment_sec')
-    out_dir = os.path.abspath(args.out_dir)
+        raise InputError('need --segment_sec > 0 and 0 <= --min_last_sec <= --segment_sec')
+    out_dir = os.path.abspath(args.output_dir)
     videos = find_videos(args.video_dir, args.extensions, exclude_dir=out_dir)
+    if not videos:
+        raise InputError(f'--video_dir {args.video_dir}: no video files (extensions {" ".join(args.extensions)}; '
+                         f'subfolders are searched too)')
+    check_writable(out_dir)
     print(f'found {len(videos)} videos under {args.video_dir}')
 
     work = partial(process_video, segment_sec=args.segment_sec, min_last_sec=args.min_last_sec,
@@ -113,18 +132,20 @@ def main(args):
         segments.extend(rows)
         if reason:
             bad.append(dict(video_path=path, reason=reason))
-    os.makedirs(out_dir, exist_ok=True)
     write_csv(os.path.join(out_dir, 'segments_metadata.csv'), segments, SEGMENT_COLUMNS)
     write_csv(os.path.join(out_dir, 'bad_videos.csv'), bad, BAD_COLUMNS)
 
-    print(f'videos: {len(videos)} found, {len(videos) - len(bad)} segmented into {len(segments)} segments '
-          f'of {args.segment_sec:g} s, {len(bad)} skipped -> {out_dir}')
     for b in bad[:20]:
         print(f'  skipped {b["video_path"]}: {b["reason"]}')
     if len(bad) > 20:
         print(f'  ... {len(bad) - 20} more in bad_videos.csv')
+    print(f'videos: {len(videos)} found, {len(videos) - len(bad)} segmented into {len(segments)} segments '
+          f'of {args.segment_sec:g} s, {len(bad)} skipped (listed in {os.path.join(out_dir, "bad_videos.csv")}) '
+          f'-> {out_dir}')
+    if args.strict and bad:
+        sys.exit(1)
     return segments, bad
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser().parse_args())

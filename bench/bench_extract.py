@@ -5,17 +5,28 @@ with the same encoder, on generated videos. One JSON line per measurement.
     python bench/bench_extract.py --quick                      # small, a minute on 2 CPU cores
     python bench/bench_extract.py --num_videos 2 --minutes 3   # the README's figures
     python bench/bench_extract.py --config huge --device cuda --dtype bf16 --batch_size 64 --skip_reencode
+    python bench/bench_extract.py --decode_limit               # step 3 against decoding every frame
 
-Throughput counts steps 1 + 3 (probe or re-encode, then embed); model loading is not counted.
+Throughput counts steps 1 + 3 (probe or re-encode, then embed). Step 3 loads the encoder's weights
+while its workers already decode, so its time includes that overlap (its summary's ``model_load_s``;
+about 0.1 s for the tiny encoder, much more for ``--config huge``).
+
+``--decode_limit`` generates realistic H.264 (2 videos of 2 minutes, 480x270, 30 fps, libx264's
+defaults with B-frames, textured moving content), times decoding every frame of them with
+``--num_workers`` processes, then step 3 (tiny random encoder, run as its own process) with the same
+number of decoding workers: ``ratio`` = step 3's work time (its summary's ``seconds``) / the time to
+decode everything; ``startup_s`` = from launching step 3 to its first batch embedded.
 """
 import argparse
 import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -24,7 +35,8 @@ import langbind_preprocessing  # noqa: E402
 import prepare_paired_paths  # noqa: E402
 import segment_video_library_movie_clip as step1  # noqa: E402
 from util.langbind import RANDOM_CONFIGS, load_encoder  # noqa: E402
-from util.synthetic import color_frames, write_video  # noqa: E402
+from util.misc import default_device  # noqa: E402
+from util.synthetic import color_frames, moving_texture_frames, write_video  # noqa: E402
 
 
 def get_args_parser():
@@ -42,6 +54,10 @@ def get_args_parser():
     parser.add_argument('--skip_reencode', action='store_true', help='time the default path only')
     parser.add_argument('--quick', action='store_true', help='1 video of 1 minute at 320x180')
     parser.add_argument('--work_dir', default=None, help='keep generated videos and outputs here (default: temp)')
+    parser.add_argument('--decode_limit', action='store_true',
+                        help='only the decode-limit measure (step 3 against decoding every frame)')
+    parser.add_argument('--dl_seconds', default=120.0, type=float,
+                        help='length of each decode-limit video (2 videos, 480x270, 30 fps)')
     return parser
 
 
@@ -55,7 +71,7 @@ def run_path(name, video_dir, work, args):
     shutil.rmtree(os.path.join(work, name), ignore_errors=True)
     t = time.time()
     step1.main(step1.get_args_parser().parse_args(
-        ['--video_dir', video_dir, '--out_dir', seg_dir, '--num_workers', str(args.num_workers)]
+        ['--video_dir', video_dir, '--output_dir', seg_dir, '--num_workers', str(args.num_workers)]
         + (['--reencode'] if name == 'reencode' else [])))
     t1 = time.time() - t
     csv = os.path.join(seg_dir, 'segments_metadata.csv')
@@ -71,7 +87,7 @@ def run_path(name, video_dir, work, args):
 @torch.no_grad()
 def encoder_only(args, common):
     """Forward passes alone (random input): the ceiling the decoding has to keep up with."""
-    device = langbind_preprocessing.pick_device(args.device, 0)
+    device = torch.device(default_device(args.device))
     dtype = langbind_preprocessing.DTYPES[args.dtype]
     encoder = load_encoder(random_init=args.config).to(device)
     x = list(torch.randn(args.batch_size, 8, 3, 224, 224).transpose(1, 2))
@@ -85,7 +101,68 @@ def encoder_only(args, common):
     emit(measure='encoder_only', segments_per_s=round(n * args.batch_size / seconds, 2), **common)
 
 
+def _decode_count(item):
+    import av
+    path, threads = item
+    with av.open(path) as c:
+        stream = c.streams.video[0]
+        if threads > 1:
+            stream.thread_type, stream.codec_context.thread_count = 'AUTO', threads
+        return sum(1 for _ in c.decode(stream))
+
+
+def decode_all(paths, processes):
+    """Seconds to decode every frame of ``paths`` with ``processes`` processes, each taking whole
+    videos with its share of the cores as FFmpeg threads (as step 3's workers do)."""
+    threads = max(1, langbind_preprocessing.num_cpus() // max(processes, 1))
+    with ProcessPoolExecutor(max(processes, 1)) as pool:
+        list(pool.map(abs, range(max(processes, 1))))  # start the processes before timing
+        t = time.time()
+        frames = sum(pool.map(_decode_count, [(p, threads) for p in paths]))
+        return time.time() - t, frames
+
+
+def decode_limit(args, work):
+    video_dir = os.path.join(work, 'dl_videos')
+    os.makedirs(video_dir, exist_ok=True)
+    paths = []
+    for i in range(2):
+        path = os.path.join(video_dir, f'texture{i}.mp4')
+        if not os.path.isfile(path):
+            write_video(path, moving_texture_frames(args.dl_seconds, 30, (480, 270), seed=i), fps=30)
+        paths.append(path)
+    seg_dir, emb_dir = os.path.join(work, 'dl_segments'), os.path.join(work, 'dl_embeddings')
+    shutil.rmtree(emb_dir, ignore_errors=True)
+    with contextlib.redirect_stdout(sys.stderr):
+        step1.main(step1.get_args_parser().parse_args(['--video_dir', video_dir, '--output_dir', seg_dir,
+                                                       '--num_workers', '0']))
+        prepare_paired_paths.main(prepare_paired_paths.get_args_parser().parse_args(
+            ['--segments_csv', os.path.join(seg_dir, 'segments_metadata.csv'), '--embedding_dir', emb_dir]))
+    decode_s, frames = decode_all(paths, args.num_workers)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    end = os.path.join(work, 'dl_end.json')
+    t = time.time()
+    subprocess.run([sys.executable, os.path.join(root, 'langbind_preprocessing.py'), '--video_path_file',
+                    os.path.join(seg_dir, 'paired_paths.json'), '--random_init', 'tiny', '--batch_size',
+                    str(args.batch_size), '--device', args.device, '--num_workers', str(args.num_workers),
+                    '--end_job_file', end], check=True, stdout=sys.stderr, stderr=sys.stderr, cwd=root)
+    wall = time.time() - t
+    summary = json.load(open(end))
+    emit(measure='decode_limit', decode_all_s=round(decode_s, 2), step3_s=summary['seconds'],
+         ratio=round(summary['seconds'] / decode_s, 3), step3_wall_s=round(wall, 2),
+         startup_s=round(wall - summary['total_s'] + summary['first_batch_s'], 2),
+         frames=frames, segments=summary['segments'], num_workers=args.num_workers, video='480x270@30',
+         video_seconds=args.dl_seconds, num_videos=2, megabytes=round(sum(map(os.path.getsize, paths)) / 1e6, 1),
+         cpus=os.cpu_count(), config='tiny', random_init=True)
+
+
 def main(args):
+    if args.decode_limit:
+        work = args.work_dir or tempfile.mkdtemp(prefix='bench_extract_')
+        decode_limit(args, work)
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     if args.quick:
         args.num_videos, args.minutes, args.width, args.height = 1, 1.0, 320, 180
     work = args.work_dir or tempfile.mkdtemp(prefix='bench_extract_')

@@ -36,7 +36,7 @@ def main():
                         color_frames(args.seconds, fps=args.fps, size=tuple(args.size), seed=i), fps=args.fps)
         minutes = args.num_videos * args.seconds / 60
         for mode, extra in [('probe', []), ('reencode', ['--reencode'])]:
-            argv = ['--video_dir', video_dir, '--out_dir', os.path.join(tmp, mode),
+            argv = ['--video_dir', video_dir, '--output_dir', os.path.join(tmp, mode),
                     '--num_workers', str(args.num_workers), *extra]
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):  # the step's log; stdout has the JSON lines only

@@ -5,15 +5,17 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 import langbind_preprocessing as step3
+from util.errors import InputError
 from util.embeddings import load_video_embeddings, read_metadata, save_video_embeddings
 from util.frames import decode_segments, frame_indices
 from util.langbind import VideoEncoder, import_languagebind, load_encoder, load_languagebind
-from util.synthetic import color_frames, write_video
+from util.synthetic import color_frames, rotate_in_header, write_video
 
 # video id -> (seconds, fps, (width, height), file name); windows of 5 s as step 1 cuts them
 VIDEOS = {
@@ -22,6 +24,8 @@ VIDEOS = {
     'c': (3.0, 15, (80, 48), 'c.mp4'),        # shorter than one segment
     'trunc': (12.0, 10, (64, 48), 'trunc.mkv'),  # cut at ~half: decodes, then stops mid-way
 }
+
+TINY = {'model': 'random_init:tiny', 'random_init': '1'}  # metadata of the test encoder's files
 
 
 def windows(seconds):
@@ -104,10 +108,11 @@ def test_embedding_matches_package(library, tmp_path):
         assert torch.equal(again, ours)
         model.save_pretrained(tmp_path / 'ckpt')  # a local checkpoint folder loads (shims applied)
         torch.testing.assert_close(load_encoder(str(tmp_path / 'ckpt'))(x), ours, atol=1e-6, rtol=0)
-    with pytest.raises(SystemExit, match='(?s)huggingface-cli download .*--model_path'):
+    with pytest.raises(InputError, match="(?s)huggingface-cli download .*--model_path"):
         load_encoder(str(tmp_path / 'no_such_checkpoint'))
 
 
+@pytest.mark.slow
 def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
     emb1, emb2, emb3 = tmp_path / 'e1', tmp_path / 'e2', tmp_path / 'e3'
     end = tmp_path / 'done.json'
@@ -118,7 +123,11 @@ def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
     # the truncated video is reported with file and segment, the garbage file with its path
     assert f'{library / "trunc.mkv"}: segment 0 [0-5 s]: the frames end at' in out
     assert f'{library / "garbage.mp4"}' in out
-    assert sorted(os.listdir(emb1)) == ['a.safetensors', 'b.safetensors', 'c.safetensors']
+    assert sorted(os.listdir(emb1)) == ['a.safetensors', 'b.safetensors', 'c.safetensors', 'failed_j1.csv']
+    failures = pd.read_csv(emb1 / 'failed_j1.csv')
+    assert failures['video_id'].tolist() == ['garbage', 'trunc'] and summary['failures_file'] == str(emb1 / 'failed_j1.csv')
+    assert 'the frames end at' in failures['reason'][1]
+    assert out.strip().splitlines()[-1] == f'2 video(s) failed, listed in {emb1 / "failed_j1.csv"}'  # the count last
 
     encoder = load_encoder(random_init='tiny')
     for vid in ['a', 'b', 'c']:
@@ -143,11 +152,212 @@ def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
     shutil.copy(emb1 / 'a.safetensors', emb3 / 'a.safetensors')
     mtime = os.path.getmtime(emb3 / 'a.safetensors')
     (emb3 / '.b.safetensors.k1ll3d.tmp').write_bytes(b'partial')
-    save_video_embeddings(str(emb3 / 'c.safetensors'), torch.ones(5, 64), [0] * 5, [1] * 5)  # wrong rows
+    os.utime(emb3 / '.b.safetensors.k1ll3d.tmp', (mtime - 3600, mtime - 3600))  # from a run killed an hour ago
+    save_video_embeddings(str(emb3 / 'c.safetensors'), torch.ones(5, 64), [0] * 5, [1] * 5, TINY)  # wrong rows
     capsys.readouterr()
     summary = run(write_jobs(library, emb3, tmp_path / 'j3.json'), '--num_workers', '1')
     assert summary['already_complete'] == 1 and summary['written'] == 2
     assert os.path.getmtime(emb3 / 'a.safetensors') == mtime
-    assert sorted(os.listdir(emb3)) == ['a.safetensors', 'b.safetensors', 'c.safetensors']
+    assert sorted(os.listdir(emb3)) == ['a.safetensors', 'b.safetensors', 'c.safetensors', 'failed_j3.csv']
     for vid in ['a', 'b', 'c']:
         assert (emb3 / f'{vid}.safetensors').read_bytes() == (emb1 / f'{vid}.safetensors').read_bytes()
+
+
+# ---------------------------------------------------------------- hardening (one test per case)
+def one_job_file(path, emb_dir, videos):
+    """A job file for ``videos``: ``[(video id, video path, [(start, end)])]``."""
+    jobs = [dict(video_id=vid, video_path=str(p), output_path=str(emb_dir / f'{vid}.safetensors'), fps=10.0,
+                 num_frames=0, duration=wins[-1][1],
+                 segments=[dict(index=k, start=s, end=e, path=None) for k, (s, e) in enumerate(wins)])
+            for vid, p, wins in videos]
+    path.write_text(json.dumps(dict(version=1, segment_sec=5.0, embedding_dir=str(emb_dir), jobs=jobs)))
+    return path
+
+
+def test_store_of_another_encoder_is_refused_or_overwritten(library, tmp_path):
+    emb = tmp_path / 'emb'
+    jobs = one_job_file(tmp_path / 'jobs.json', emb, [('a', library / 'a.mp4', windows(12.3))])
+    other = {'model': 'checkpoints/LanguageBind_Video_FT', 'random_init': '0'}
+    save_video_embeddings(str(emb / 'a.safetensors'), torch.ones(3, 64), *zip(*windows(12.3)), other)
+    with pytest.raises(InputError, match=r'another encoder: .*a.safetensors holds checkpoints/LanguageBind_Video_FT, '
+                                         r'this run uses random_init:tiny .*--overwrite'):
+        run(jobs, '--num_workers', '0')
+    assert read_metadata(str(emb / 'a.safetensors'))['model'] == other['model']  # left as it was
+    summary = run(jobs, '--num_workers', '0', '--overwrite')
+    assert summary['written'] == 1 and read_metadata(str(emb / 'a.safetensors'))['model'] == 'random_init:tiny'
+    assert run(jobs, '--num_workers', '0')['already_complete'] == 1  # same encoder: complete, kept
+
+
+@pytest.mark.slow
+def test_long_names_and_unwritable_outputs_do_not_stop_the_others(library, tmp_path):
+    """A legal 240-character file name goes through steps 1 to 3; a video whose store file cannot be
+    written is listed as failed and the videos after it are still embedded."""
+    import prepare_paired_paths as step2
+    import segment_video_library_movie_clip as step1
+    videos = tmp_path / 'videos'
+    videos.mkdir()
+    long_name = 'x' * 236 + '.mp4'
+    shutil.copy(library / 'a.mp4', videos / long_name)
+    for name in ('b0.mp4', 'c1.mp4'):
+        shutil.copy(library / 'c.mp4', videos / name)
+    step1.main(step1.get_args_parser().parse_args(['--video_dir', str(videos), '--output_dir', str(tmp_path / 'seg'),
+                                                   '--num_workers', '0']))
+    emb = tmp_path / 'emb'
+    step2.main(step2.get_args_parser().parse_args(['--segments_csv', str(tmp_path / 'seg' / 'segments_metadata.csv'),
+                                                   '--embedding_dir', str(emb)]))
+    (emb / 'b0.safetensors').mkdir(parents=True)  # the store file's name is taken by a folder
+    summary = run(tmp_path / 'seg' / 'paired_paths.json', '--num_workers', '0')
+    assert summary['written'] == 2 and summary['failed'] == 1
+    assert (emb / ('x' * 236 + '.safetensors')).is_file() and (emb / 'c1.safetensors').is_file()
+    failures = pd.read_csv(emb / 'failed_paired_paths.csv')
+    assert failures['video_id'].tolist() == ['b0'] and 'cannot write' in failures['reason'][0]
+    assert not [n for n in os.listdir(emb) if n.endswith('.tmp')]
+
+
+def test_strict_exit_status(library, tmp_path):
+    jobs = one_job_file(tmp_path / 'jobs.json', tmp_path / 'emb', [('c', library / 'c.mp4', windows(3.0)),
+                                                                   ('g', library / 'garbage.mp4', [(0.0, 5.0)])])
+    end = tmp_path / 'end.json'
+    with pytest.raises(SystemExit) as e:
+        run(jobs, '--num_workers', '0', '--strict', '--end_job_file', str(end))
+    assert e.value.code == 1
+    assert json.loads(end.read_text())['failed'] == 1 and (tmp_path / 'emb' / 'c.safetensors').is_file()
+
+
+def write_vfr(path, segments, fps=10, size=(64, 48)):
+    """A variable-frame-rate mp4: frames at ``fps`` during each ``(start, end)`` of ``segments`` only."""
+    from fractions import Fraction
+    import av
+    rng = np.random.default_rng(0)
+    with av.open(str(path), 'w') as c:
+        s = c.add_stream('libx264', rate=fps)
+        s.width, s.height, s.pix_fmt = size[0], size[1], 'yuv420p'
+        s.codec_context.time_base = Fraction(1, 1000)
+        for start, end in segments:
+            for t in np.arange(start, end, 1 / fps):
+                f = av.VideoFrame.from_ndarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), 'rgb24')
+                f.pts, f.time_base = int(round(t * 1000)), Fraction(1, 1000)
+                for p in s.encode(f):
+                    c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_pause_in_variable_frame_rate_video(tmp_path):
+    """A 5-s window without any frame takes the last frame before it (8 times)."""
+    path = tmp_path / 'vfr.mp4'
+    write_vfr(path, [(0, 2), (11, 14)])
+    segs = list(decode_segments(str(path), [(0.0, 5.0), (5.0, 10.0), (10.0, 14.0)]))
+    assert [k for k, _ in segs] == [0, 1, 2]
+    for slot in range(8):
+        assert torch.equal(segs[1][1][:, slot], segs[0][1][:, 7])  # the frame at 1.9 s
+    assert not torch.equal(segs[2][1][:, 0], segs[0][1][:, 7])
+
+
+@pytest.mark.slow
+def test_model_threads_do_not_follow_num_workers(library, tmp_path, monkeypatch):
+    """The model's CPU thread count (which changes its numerics) is the same with 0 and 2 workers."""
+    seen = []
+    real = step3.embed
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+    monkeypatch.setattr(step3, 'embed', spy)
+    before = torch.get_num_threads()
+    try:
+        for k, workers in enumerate(['0', '2']):
+            torch.set_num_threads(3 - k)  # whatever the process had before must not matter either
+            run(write_jobs(library, tmp_path / f'e{workers}', tmp_path / f'j{workers}.json'), '--num_workers', workers)
+    finally:
+        torch.set_num_threads(before)
+    assert len(set(seen)) == 1 and seen[0] == step3.model_threads() == max(1, step3.num_cpus() // 2)
+    for vid in ['a', 'b', 'c']:
+        assert (tmp_path / 'e0' / f'{vid}.safetensors').read_bytes() == (tmp_path / 'e2' / f'{vid}.safetensors').read_bytes()
+
+
+def test_only_own_temporary_files_are_removed(library, tmp_path):
+    """A temporary file another step-3 process is still writing (it holds its lock) is left alone,
+    however old; an unlocked old one (a killed run's) is removed; a young one is kept."""
+    import fcntl
+    emb = tmp_path / 'emb'
+    emb.mkdir()
+    busy, stale, young = emb / '.a.safetensors.b5sy0000.tmp', emb / '.a.safetensors.st4le000.tmp', emb / '.a.safetensors.y0ung000.tmp'
+    for p in (busy, stale, young):
+        p.write_bytes(b'partial')
+    for p in (busy, stale):
+        os.utime(p, (1e9, 1e9))
+    fd = os.open(busy, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as atomic_write holds it while writing
+    try:
+        run(one_job_file(tmp_path / 'jobs.json', emb, [('a', library / 'a.mp4', windows(12.3))]), '--num_workers', '0')
+        assert busy.exists() and young.exists() and not stale.exists()
+    finally:
+        os.close(fd)
+    assert (emb / 'a.safetensors').is_file()
+
+
+def test_rotated_video_is_turned_upright(tmp_path):
+    import av
+    from util.frames import transform
+    plain, turned = tmp_path / 'plain.mp4', tmp_path / 'turned.mp4'
+    write_video(plain, color_frames(1.0, fps=10, size=(96, 64), seed=1), fps=10)  # 10 frames, landscape
+    rotate_in_header(plain, turned)
+    with av.open(str(turned)) as c:
+        frames = [f for f in c.decode(video=0)]
+    assert frames[0].rotation == -90  # FFmpeg reads the matrix: shown turned 90 degrees clockwise
+    raw = np.stack([f.to_ndarray(format='rgb24') for f in frames])
+    upright = np.ascontiguousarray(np.rot90(raw, k=-1, axes=(1, 2)))  # [10, 96, 64]: portrait
+    (_, ours), = decode_segments(str(turned))
+    torch.testing.assert_close(ours, transform(upright[frame_indices(10)]), atol=0, rtol=0)
+    (_, unturned), = decode_segments(str(plain))
+    assert not torch.allclose(ours, unturned)
+
+
+def write_bframes(path, seconds, options, fps=30):
+    from util.synthetic import moving_texture_frames
+    return write_video(path, moving_texture_frames(seconds, fps, (160, 96)), fps=fps, options=options)
+
+
+@pytest.mark.parametrize('options', [
+    {'threads': '1'},                                                         # libx264 defaults: 3 B-frames, pyramid
+    {'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:open-gop=1:bframes=3:scenecut=0'},  # open GOPs
+])
+@pytest.mark.parametrize('threads', [1, 2])
+def test_skipping_unsampled_frames_keeps_the_frames(tmp_path, options, threads):
+    """Letting the decoder drop the non-reference frames no segment samples gives exactly the frames
+    of a full decode, and does skip frames."""
+    path = str(tmp_path / 'v.mp4')
+    n = write_bframes(path, 6.0, options)
+    wins = [(0.0, 2.5), (2.5, 5.0), (5.0, 6.0)]
+    fast, full = {}, {}
+    ours = list(decode_segments(path, wins, threads=threads, stats=fast))
+    ref = list(decode_segments(path, wins, threads=threads, skip=False, stats=full))
+    assert full['decoded'] == n and fast['decoded'] < 0.8 * n  # about half the frames are non-reference B-frames
+    assert [k for k, _ in ours] == [k for k, _ in ref] == [0, 1, 2]
+    for (_, x), (_, y) in zip(ours, ref):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_jobs_and_failures(library, tmp_path):
+    """Two ranks: every video once, files identical to one process's, the failures of every rank in
+    one failures file written by rank 0, and the end-job file counting them."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    videos = [('a', library / 'a.mp4', windows(12.3)), ('g', library / 'garbage.mp4', [(0.0, 5.0)]),
+              ('c', library / 'c.mp4', windows(3.0))]
+    run(one_job_file(tmp_path / 'one.json', tmp_path / 'one', videos), '--num_workers', '0')
+    jobs, end = one_job_file(tmp_path / 'two.json', tmp_path / 'two', videos), tmp_path / 'end.json'
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                        'langbind_preprocessing.py', '--video_path_file', str(jobs), '--random_init', 'tiny',
+                        '--batch_size', '4', '--num_workers', '0', '--device', 'cpu', '--end_job_file', str(end)],
+                       cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'PYTHONPATH': root + os.pathsep + os.environ.get('PYTHONPATH', '')})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads(end.read_text())
+    assert (summary['jobs'], summary['written'], summary['failed']) == (3, 2, 1)
+    assert pd.read_csv(tmp_path / 'two' / 'failed_two.csv')['video_id'].tolist() == ['g']  # rank 1's failure
+    for vid in ['a', 'c']:
+        assert (tmp_path / 'two' / f'{vid}.safetensors').read_bytes() == (tmp_path / 'one' / f'{vid}.safetensors').read_bytes()

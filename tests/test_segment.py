@@ -9,8 +9,9 @@ import pytest
 
 import prepare_paired_paths as step2
 import segment_video_library_movie_clip as step1
-from util.embeddings import save_video_embeddings
-from util.synthetic import color_frames, write_video
+from util.embeddings import is_complete, save_video_embeddings
+from util.errors import InputError
+from util.synthetic import color_frames, rotate_in_header, write_video
 from util.video import VideoError, probe_video, segment_windows
 
 COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))  # color_frames' default: one colour per 5 s
@@ -31,7 +32,7 @@ EXPECTED = {  # video id -> segment windows
 
 
 def run_step1(video_dir, out_dir, *extra):
-    args = step1.get_args_parser().parse_args(['--video_dir', str(video_dir), '--out_dir', str(out_dir), *extra])
+    args = step1.get_args_parser().parse_args(['--video_dir', str(video_dir), '--output_dir', str(out_dir), *extra])
     return step1.main(args)
 
 
@@ -136,7 +137,7 @@ def test_video_id_collision(tmp_path):
     (tmp_path / 'v').mkdir()
     for name in ('a.mp4', 'a.mkv'):
         write_video(tmp_path / 'v' / name, color_frames(1), fps=10)
-    with pytest.raises(SystemExit, match='same video id') as e:
+    with pytest.raises(InputError, match='same video id') as e:
         run_step1(tmp_path / 'v', tmp_path / 'out', '--num_workers', '0')
     assert 'a.mp4' in str(e.value) and 'a.mkv' in str(e.value)
     assert not (tmp_path / 'out' / 'segments_metadata.csv').exists()
@@ -203,10 +204,10 @@ def test_job_file_and_complete_outputs(segmented, tmp_path, capsys):
     store('long', EXPECTED['long'])
     store('tail', EXPECTED['tail'][:1])
     (emb_dir / 'short.safetensors').write_bytes(b'half a file')
-    assert step2.is_complete(jobs['long']['output_path'], jobs['long']['segments'])
-    assert not step2.is_complete(jobs['tail']['output_path'], jobs['tail']['segments'])
-    assert not step2.is_complete(jobs['short']['output_path'], jobs['short']['segments'])
-    assert not step2.is_complete(jobs['long']['output_path'], jobs['tail']['segments'][:1] * 2)  # other times
+    assert is_complete(jobs['long']['output_path'], jobs['long']['segments'])
+    assert not is_complete(jobs['tail']['output_path'], jobs['tail']['segments'])
+    assert not is_complete(jobs['short']['output_path'], jobs['short']['segments'])
+    assert not is_complete(jobs['long']['output_path'], jobs['tail']['segments'][:1] * 2)  # other times
     out_json = tmp_path / 'rerun.json'
     run_step2('--segments_csv', csv, '--embedding_dir', emb_dir, '--out_json', out_json)
     assert [j['video_id'] for j in json.loads(out_json.read_text())['jobs']] == \
@@ -255,7 +256,7 @@ def test_malformed_segments_csv(tmp_path, edit, message):
                            segment_path=['', '']))
     csv = tmp_path / 'bad.csv'
     edit(df).to_csv(csv, index=False)
-    with pytest.raises(SystemExit, match=message) as e:
+    with pytest.raises(step2.SegmentsError, match=message) as e:
         run_step2('--segments_csv', csv, '--embedding_dir', tmp_path / 'emb')
     assert str(csv) in str(e.value)
 
@@ -314,3 +315,65 @@ def test_avi_with_dropped_frames_is_not_truncated(tmp_path):
             c.mux(p)
     info = probe_video(path)
     assert (info.num_frames, info.duration) == (108, pytest.approx(12.0))
+
+
+def test_empty_video_folder_is_an_error(tmp_path):
+    (tmp_path / 'videos').mkdir()
+    (tmp_path / 'videos' / 'notes.txt').write_text('no video here')
+    with pytest.raises(InputError, match='no video files'):
+        run_step1(tmp_path / 'videos', tmp_path / 'out', '--num_workers', '0')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_strict_and_out_dir_alias(library, segmented, tmp_path, capsys):
+    """--out_dir is still accepted; --strict exits 1 after writing both CSVs; the count is printed last."""
+    args = step1.get_args_parser().parse_args(['--video_dir', str(library), '--out_dir', str(tmp_path),
+                                               '--num_workers', '0', '--strict'])
+    with pytest.raises(SystemExit) as e:
+        step1.main(args)
+    assert e.value.code == 1
+    assert (tmp_path / 'bad_videos.csv').read_bytes() == (segmented / 'bad_videos.csv').read_bytes()
+    assert '4 skipped (listed in' in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_is_complete_checks_the_encoder(tmp_path):
+    """A file of another encoder (or random weights for real ones) is not complete for this encoder;
+    the same checkpoint typed as another path is."""
+    segs = [dict(start=0.0, end=5.0), dict(start=5.0, end=9.0)]
+    path = str(tmp_path / 'v.safetensors')
+    save_video_embeddings(path, np.ones((2, 4)), [0, 5], [5, 9],
+                          {'model': 'checkpoints/LanguageBind_Video_Huge_V1.5_FT', 'random_init': '0'})
+    assert is_complete(path, segs)  # no encoder given: rows and times only
+    assert is_complete(path, segs, '/abs/path/LanguageBind_Video_Huge_V1.5_FT/', False)
+    assert is_complete(path, segs, 'LanguageBind/LanguageBind_Video_Huge_V1.5_FT', False)
+    assert not is_complete(path, segs, 'checkpoints/LanguageBind_Video_FT', False)
+    assert not is_complete(path, segs, 'checkpoints/LanguageBind_Video_Huge_V1.5_FT', True)
+
+
+def test_reencode_turns_rotated_videos_upright(tmp_path):
+    """As the original release's ffmpeg re-encoding: a phone's upright video gives upright segment files."""
+    (tmp_path / 'v').mkdir()
+    write_video(tmp_path / 'plain.mp4', color_frames(2.0, size=(96, 64)), fps=10)
+    rotate_in_header(tmp_path / 'plain.mp4', tmp_path / 'v' / 'phone.mp4')
+    segments, bad = run_step1(tmp_path / 'v', tmp_path / 'out', '--reencode', '--num_workers', '0')
+    assert not bad and len(segments) == 1
+    with av.open(segments[0]['segment_path']) as c:
+        frames = list(c.decode(video=0))
+    with av.open(str(tmp_path / 'plain.mp4')) as c:
+        first = next(c.decode(video=0)).to_ndarray(format='rgb24')
+    assert len(frames) == 20 and (frames[0].width, frames[0].height) == (64, 96) and not frames[0].rotation
+    turned = np.rot90(first, k=-1).astype(int)  # clockwise
+    assert np.abs(frames[0].to_ndarray(format='rgb24').astype(int) - turned).mean() < 6  # H.264 is lossy
+
+
+def test_unwritable_output_folder_is_an_error(library, tmp_path):
+    """Step 1 checks --output_dir before probing (here a file stands where the folder should be);
+    step 2 names a job file it cannot write."""
+    (tmp_path / 'taken').write_text('a file, not a folder')
+    with pytest.raises(InputError, match='--output_dir .*taken: cannot write there'):
+        run_step1(library, tmp_path / 'taken', '--num_workers', '0')
+    csv = tmp_path / 'seg.csv'
+    pd.DataFrame([dict(video_id='a', video_path='/x/a.mp4', segment_index=0, start=0.0, end=5.0, num_frames=50,
+                       fps=10.0, duration=5.0, segment_path='')]).to_csv(csv, index=False)
+    with pytest.raises(InputError, match='taken/jobs.json: cannot write the job file'):
+        run_step2('--segments_csv', csv, '--embedding_dir', tmp_path / 'emb', '--out_json', tmp_path / 'taken' / 'jobs.json')

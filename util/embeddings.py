@@ -1,6 +1,6 @@
 """Segment-embedding store and the dataset CSVs that point into it.
 
-Store (one file per video, DESIGN.md section 2): ``<embedding_dir>/<video_id>.safetensors`` with
+Store (one file per video, see docs/DATA.md): ``<embedding_dir>/<video_id>.safetensors`` with
   - ``embeddings``: ``[N, D]`` float16 or float32, unit-norm rows, one per segment in time order
   - ``starts``, ``ends``: ``[N]`` float64, each segment's window in seconds
   - string metadata (``video_id``, ``model``, ``random_init`` = "1" for randomly initialised encoders, ...)
@@ -70,6 +70,44 @@ def read_metadata(path):
     """String metadata of a store file (empty dict if none)."""
     with safe_open(path, framework='numpy') as f:
         return dict(f.metadata() or {})
+
+
+def same_encoder(recorded, model):
+    """Whether a store file's ``model`` metadata names the encoder ``model``: a hub name or a local
+    checkpoint folder compares by its last path component (the same checkpoint typed as a relative or
+    an absolute path, or as its hub name, is one encoder); random encoders by their full name."""
+    def name(m):
+        return os.path.basename(os.path.normpath(str(m))) if m is not None else None
+    return name(recorded) == name(model)
+
+
+def store_encoder(path):
+    """``(model, random_init)`` from a store file's metadata (``None`` where a key is missing);
+    raises ``EmbeddingError`` for an unreadable file."""
+    try:
+        meta = read_metadata(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EmbeddingError(f'{path}: unreadable embedding file ({e})') from None
+    return meta.get('model'), meta.get('random_init')
+
+
+def is_complete(path, segments, model=None, random_init=None):
+    """True when the store file at ``path`` loads and holds one embedding per segment with the same
+    start and end times (``segments``: dicts with ``start`` and ``end``). With ``model`` given, the
+    file must also have been written by that encoder: its ``model`` metadata names the same checkpoint
+    (``same_encoder``) and its ``random_init`` flag equals ``random_init`` (true for random weights)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        emb, starts, ends = load_video_embeddings(path, with_times=True)
+        recorded, rand = store_encoder(path) if model is not None else (None, None)
+    except EmbeddingError:
+        return False
+    if model is not None and not (same_encoder(recorded, model) and rand == ('1' if random_init else '0')):
+        return False
+    return (emb.shape[0] == len(segments)
+            and np.allclose(starts.numpy(), [s['start'] for s in segments], rtol=0, atol=1e-6)
+            and np.allclose(ends.numpy(), [s['end'] for s in segments], rtol=0, atol=1e-6))
 
 
 def _check(emb, path, input_size=None):

@@ -2,6 +2,7 @@
 import fcntl
 import os
 import tempfile
+import time
 
 from util.errors import InputError
 
@@ -15,9 +16,9 @@ def atomic_write(path, write_fn):
     100 characters, so a long file name never makes it exceed the file system's name limit."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path)[:100] + '.', suffix='.tmp')
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(path), suffix='.tmp')
     try:
+        _try_lock(fd)  # held while writing: remove_stale_temporaries leaves the file alone
         write_fn(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
@@ -25,6 +26,54 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        os.close(fd)
+
+
+def _try_lock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks: writing matters more (its temporaries are then never swept)
+        pass
+
+
+def temporary_prefix(path):
+    """Start of the names of ``atomic_write``'s temporary files for ``path`` (in the same folder)."""
+    return '.' + os.path.basename(path)[:100] + '.'
+
+
+def remove_stale_temporaries(paths, min_age_s=60.0):
+    """Remove the temporary files that ``atomic_write`` calls for ``paths`` left behind (a run killed
+    while writing), but only those no process is writing any more: a writer holds a lock on its file,
+    so another process's write in progress is never touched. Files younger than ``min_age_s`` are
+    kept too. Returns the paths removed. One folder listing per folder, whatever the number of paths."""
+    prefixes = {}
+    for p in paths:
+        prefixes.setdefault(os.path.dirname(os.path.abspath(p)), set()).add(temporary_prefix(p))
+    removed = []
+    for folder, starts in prefixes.items():
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            if not (name.endswith('.tmp') and name.startswith('.')) or name[:name.rfind('.', 0, -4) + 1] not in starts:
+                continue
+            tmp = os.path.join(folder, name)
+            try:
+                fd = os.open(tmp, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if time.time() - os.fstat(fd).st_mtime >= min_age_s:
+                    os.remove(tmp)
+                    removed.append(tmp)
+            except OSError:  # locked by its writer, gone, or a file system without locks: leave it
+                pass
+            finally:
+                os.close(fd)
+    return removed
 
 
 def atomic_write_text(path, text):

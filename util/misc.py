@@ -219,3 +219,12 @@ def trim_log(output_dir, start_epoch):
             if isinstance(epoch, int) and epoch < start_epoch:
                 keep.append(line if line.endswith('\n') else line + '\n')
     atomic_write_text(path, ''.join(keep))
+# ---------------------------------------------------------------- device
+def default_device(name='auto'):
+    """The ``--device`` every script takes: ``auto`` is ``cuda:$LOCAL_RANK`` under torchrun, else
+    ``cuda`` when a GPU is available, else ``cpu``; any other name is returned unchanged."""
+    if name != 'auto':
+        return name
+    if not torch.cuda.is_available():
+        return 'cpu'
+    return f'cuda:{os.environ["LOCAL_RANK"]}' if 'LOCAL_RANK' in os.environ else 'cuda'

@@ -39,3 +39,36 @@ def color_frames(seconds, fps=10, size=(64, 48), colors=((255, 0, 0), (0, 255, 0
         c = np.array(colors[int(i / fps // change_every) % len(colors)], dtype=np.int16)
         frame = c + rng.integers(-8, 9, size=(h, w, 3), dtype=np.int16)
         yield np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def moving_texture_frames(seconds, fps=30, size=(480, 270), seed=0):
+    """Frames of a realistic-to-encode test video: a seeded random texture (smooth blobs and fine
+    grain) that drifts and turns slowly, so that the encoder uses motion vectors and B-frames and
+    the stream has a bitrate like camera footage, unlike flat colours."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    big = (h + 64, w + 64)
+    coarse = rng.integers(0, 256, size=(big[0] // 16 + 2, big[1] // 16 + 2, 3)).astype(np.float32)
+    texture = np.kron(coarse, np.ones((16, 16, 1), np.float32))[:big[0], :big[1]]
+    texture = 0.7 * texture + 0.3 * rng.integers(0, 256, size=big + (3,)).astype(np.float32)
+    texture = texture.astype(np.uint8)
+    for i in range(int(round(seconds * fps))):
+        t = i / fps
+        dy = int(32 + 30 * np.sin(0.7 * t))
+        dx = int(32 + 30 * np.cos(0.5 * t))
+        frame = texture[dy:dy + h, dx:dx + w]
+        if int(t // 4) % 2:  # the scene changes every 4 s
+            frame = frame[::-1]
+        yield np.ascontiguousarray(frame)
+
+
+def rotate_in_header(src, dst):
+    """Copy the mp4 ``src`` to ``dst`` with its video track's display matrix set to a 90-degree
+    clockwise turn, as a phone filming upright writes it (the pixels are left as they are)."""
+    import struct
+    data = open(src, 'rb').read()
+    identity = struct.pack('>9i', 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    turn = struct.pack('>9i', 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    i = data.index(identity, data.index(b'tkhd'))  # the track's matrix, not the movie's
+    with open(dst, 'wb') as f:
+        f.write(data[:i] + turn + data[i + 36:])

@@ -9,12 +9,14 @@ from fractions import Fraction
 from itertools import groupby
 
 import av
+import numpy as np
 from av.video.frame import PictureType
 
+from util.errors import InputError
 from util.fileio import atomic_write
 
 
-class VideoError(ValueError):
+class VideoError(InputError, ValueError):
     """A file that is not a usable video; the message says why (step 1 reports it in bad_videos.csv)."""
 
 
@@ -168,7 +170,7 @@ def reencode_segments(path, windows, out_paths, codec='libx264'):
                     continue
 
                 def write(tmp):
-                    counts[k] = _encode(tmp, (f for _, f in group), rate, stream.width, stream.height, codec)
+                    counts[k] = _encode(tmp, (upright(f) for _, f in group), rate, codec)
                 atomic_write(out_paths[k], write)
     except av.FFmpegError as e:
         raise VideoError(f'decode/encode error while re-encoding ({e.strerror or e})') from None
@@ -178,13 +180,25 @@ def reencode_segments(path, windows, out_paths, codec='libx264'):
     return counts
 
 
-def _encode(tmp_path, frames, rate, width, height, codec):
+def upright(frame):
+    """``frame`` turned as its display matrix says (phones filming upright), as FFmpeg's command line
+    does before re-encoding; unrotated frames are returned as they are."""
+    turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns
+    if not turns:
+        return frame
+    rgb = np.ascontiguousarray(np.rot90(frame.to_ndarray(format='rgb24'), k=turns))
+    return av.VideoFrame.from_ndarray(rgb, format='rgb24')
+
+
+def _encode(tmp_path, frames, rate, codec):
     """Encode ``frames`` at constant ``rate`` into a new mp4 (yuv420p needs even sizes)."""
     n = 0
     with av.open(tmp_path, mode='w', format='mp4') as out:
         stream = out.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, 'yuv420p'
         for frame in frames:
+            if n == 0:
+                w, h = frame.width, frame.height
+                stream.width, stream.height, stream.pix_fmt = w - w % 2, h - h % 2, 'yuv420p'
             frame = frame.reformat(width=stream.width, height=stream.height, format='yuv420p')
             frame.pts, frame.time_base, frame.pict_type = n, 1 / Fraction(rate), PictureType.NONE
             for packet in stream.encode(frame):
