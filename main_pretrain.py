@@ -122,7 +122,8 @@ def get_args_parser():
                    help='do not resume from the newest checkpoint-*.pth in --output_dir')
     p.add_argument('--start_epoch', default=0, type=int)
     p.add_argument('--seed', default=0, type=int)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='auto',
+                   help='auto (cuda:$LOCAL_RANK under torchrun, else cuda when available, else cpu), cpu, cuda or cuda:N')
     p.add_argument('--distributed', action='store_true',
                    help='accepted for the original command line; torchrun\'s environment decides')
     p.add_argument('--world_size', default=None, type=int,

@@ -26,6 +26,7 @@ from util.embeddings import EmbeddingError
 from util.errors import InputError
 from util.features import FEATURE_DTYPES, Featurizer, Items, has_embeddings, load_split
 from util.fileio import FolderLock
+from util.misc import default_device
 from util.results import classification_avg, write_results
 from util.tasks import GROUPS, SPLITS, expand_tasks, get_task
 
@@ -84,7 +85,8 @@ def get_args_parser(probe):
     p.add_argument('--feature_batch_size', default=64, type=int, help='videos per encoder batch when caching')
     p.add_argument('--output_dir', default=f'./output_dir/probe_{probe}', help='log.txt, results.json, results.md')
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: <output_dir>/tensorboard)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='auto',
+                   help='auto (cuda:$LOCAL_RANK under torchrun, else cuda when available, else cpu), cpu, cuda or cuda:N')
     p.set_defaults(probe=probe)
     return p
 
@@ -284,6 +286,7 @@ def run_task(args, name, spec, cache_dir, in_group=False, log_file=None):
 
 def main(args):
     check_args(args)
+    args.device = default_device(args.device)
     names = expand_tasks(args.task)
     in_group = len(names) > 1
     lock = FolderLock(args.output_dir, 'probe run')

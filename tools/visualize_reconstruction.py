@@ -12,7 +12,6 @@ video's own segments (0: the true segment is the most similar one). The summary 
 as one JSON line. The same seed gives the same masks, numbers and picture.
 """
 import argparse
-import inspect
 import json
 import os
 
@@ -26,18 +25,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models_lvmae import ARCH_KEYS, LVMAE, PAPER_CONFIG, SEMANTIC_ORDERS  # noqa: E402
-from util.checkpoint import checkpoint_args, load_checkpoint, load_model_state, model_state  # noqa: E402
+from models_lvmae import LVMAE, SEMANTIC_ORDERS  # noqa: E402
+from util.checkpoint import checkpoint_args, load_checkpoint, load_model_state, model_state, resolve_arch  # noqa: E402
 from util.embeddings import load_video_embeddings, read_metadata  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
 from util.fileio import atomic_write  # noqa: E402
+from util.misc import default_device  # noqa: E402
 from util.reconstruction import copy_nearest_visible, retrieval_ranks  # noqa: E402
-
-# every configuration keyword of LVMAE: the shape-fixing ARCH_KEYS and the rest (the loss options, an
-# input scale, ...), so that whatever the checkpoint's args store about the model reaches it
-CONFIG_KEYS = ARCH_KEYS + tuple(k for k in inspect.signature(LVMAE.__init__).parameters
-                                if k not in ARCH_KEYS and k not in ('self', 'norm_layer'))
-
 
 def get_args_parser():
     p = argparse.ArgumentParser(description='Picture of what a pretrained LV-MAE reconstructs for one video')
@@ -54,40 +48,12 @@ def get_args_parser():
                    help='encoder heads, for a checkpoint that does not store its args (default 16)')
     p.add_argument('--decoder_num_heads', type=int, default=None,
                    help='decoder heads, for a checkpoint that does not store its args (default 16)')
-    p.add_argument('--device', default='cpu')
+    p.add_argument('--device', default='auto',
+                   help='auto (cuda:$LOCAL_RANK under torchrun, else cuda when available, else cpu), cpu, cuda or cuda:N')
     return p
 
 
 # ---------------------------------------------------------------------------------------- model
-def model_config(ckpt_args, sd, heads=None):
-    """LVMAE keyword arguments for a checkpoint: its stored args, else the parameter shapes (heads,
-    which no shape shows, from ``heads`` or the paper's 16). Returns ``(config, notes)``."""
-    cfg = {k: ckpt_args[k] for k in CONFIG_KEYS if ckpt_args.get(k) is not None}
-    notes = []
-    if 'pos_embed' in sd:
-        cfg.setdefault('num_patches', sd['pos_embed'].shape[1] - 1)
-        width = sd['pos_embed'].shape[-1]
-        cfg.setdefault('input_size', sd['decoder_pred.weight'].shape[0] if 'decoder_pred.weight' in sd else width)
-        if width != cfg['input_size']:
-            cfg.setdefault('embed_dim', width)
-    for key, prefix in (('depth', 'blocks.'), ('decoder_depth', 'decoder_blocks.')):
-        idx = {int(k.split('.')[1]) for k in sd if k.startswith(prefix)}
-        if idx:
-            cfg.setdefault(key, max(idx) + 1)
-    if 'decoder_embed.weight' in sd:
-        cfg.setdefault('decoder_embed_dim', sd['decoder_embed.weight'].shape[0])
-    if 'blocks.0.mlp.fc1.weight' in sd:
-        fc1 = sd['blocks.0.mlp.fc1.weight'].shape
-        cfg.setdefault('mlp_ratio', fc1[0] / fc1[1])
-    for key in ('num_heads', 'decoder_num_heads'):
-        if (heads or {}).get(key) is not None:
-            cfg[key] = heads[key]
-        elif key not in cfg:
-            cfg[key] = PAPER_CONFIG[key]
-            notes.append(f'{key} not stored in the checkpoint: using {cfg[key]} (set --{key})')
-    return cfg, notes
-
-
 def load_model(path, heads=None):
     """The full LV-MAE (encoder and decoder) of a checkpoint, in eval mode: ``(model, ckpt_args, epoch)``."""
     try:
@@ -99,13 +65,15 @@ def load_model(path, heads=None):
         raise InputError(f'{path}: no decoder in this checkpoint; the reconstruction needs the pretraining '
                          f'checkpoint (encoder and decoder)')
     ckpt_args = checkpoint_args(ckpt)
-    cfg, notes = model_config(ckpt_args, sd, heads)
-    for n in notes:
-        print(f'{path}: {n}')
     try:
+        cfg, notes = resolve_arch(ckpt_args, sd, heads, source=path)
+        if notes:
+            print(f'{path}: {", ".join(notes)} not stored in the checkpoint: using the paper\'s (set --num_heads)')
         model = LVMAE(**cfg)
         load_model_state(model, sd, path, strict=True)
     except (RuntimeError, ValueError, AssertionError) as e:
+        if isinstance(e, InputError):
+            raise
         raise InputError(str(e)) from None
     return model.eval().requires_grad_(False), ckpt_args, ckpt.get('epoch')
 
@@ -256,7 +224,7 @@ def main(args):
     if int(L * (1 - ratio)) < 1 or int(L * (1 - ratio)) == L:
         raise InputError(f'{args.embedding_path}: {L} segments at mask ratio {ratio} leave '
                          f'{int(L * (1 - ratio))} visible: nothing to reconstruct from or nothing masked')
-    r = reconstruct(model, emb, ratio, order if masking == 'semantic' else False, args.seed, args.device)
+    r = reconstruct(model, emb, ratio, order if masking == 'semantic' else False, args.seed, default_device(args.device))
     s = summary(r)
 
     video = meta.get('video_id') or os.path.splitext(os.path.basename(args.embedding_path))[0]

@@ -5,7 +5,7 @@ import os
 import pandas as pd
 from safetensors import SafetensorError, safe_open
 
-from util.embeddings import EmbeddingError, embedding_path
+from util.embeddings import EmbeddingError, embedding_path, same_encoder
 from util.fileio import atomic_write
 from util.legacy import legacy_segment_paths
 
@@ -49,15 +49,9 @@ def find_embeddings(video_id, embedding_dirs, legacy_roots=()):
     return None, None, 'no embeddings'
 
 
-def encoder_name(model):
-    """The encoder a ``model`` metadata value names: a hub name or a checkpoint folder by its last path
-    component (the same checkpoint typed as a relative or an absolute path is one encoder)."""
-    return os.path.basename(os.path.normpath(str(model)))
-
-
 class EncoderCheck:
     """Every store file of one dataset must come from one encoder: the same ``model`` metadata (by
-    ``encoder_name``; files without it, such as converted legacy files, are not compared) and the same
+    ``util.embeddings.same_encoder``; files without it, such as converted legacy files, are not compared) and the same
     ``random_init`` (absent = real weights). ``add`` raises ``EmbeddingError`` naming two files that differ."""
 
     def __init__(self):
@@ -69,7 +63,7 @@ class EncoderCheck:
         if model is not None:
             if self.model is None:
                 self.model = (model, path)
-            elif encoder_name(model) != encoder_name(self.model[0]):
+            elif not same_encoder(model, self.model[0]):
                 raise EmbeddingError(f'{self.model[1]} (model {self.model[0]!r}) and {path} (model {model!r}) '
                                      f'come from different encoders; one dataset must use one encoder '
                                      f'(re-extract the odd ones, or keep them in another store)')

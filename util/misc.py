@@ -20,6 +20,7 @@ from util.fileio import atomic_write_text
 def init_distributed_mode(args):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process.
     Sets ``args.rank``, ``args.world_size``, ``args.gpu``, ``args.distributed``; NCCL on GPU, Gloo on CPU."""
+    args.device = default_device(args.device)
     env_world = int(os.environ.get('WORLD_SIZE', 1))
     if args.world_size is not None and args.world_size != env_world:
         how = 'torchrun reports' if 'WORLD_SIZE' in os.environ else 'a plain python launch is'

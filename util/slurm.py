@@ -79,13 +79,6 @@ def set_torchrun_environment(job_env):
     return env
 
 
-def resolve_device(device):
-    if device != 'auto':
-        return device
-    import torch
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
-
-
 class Job:
     """The callable submitit runs in every task: ``<module>.main(args)`` under a torchrun-like environment.
     Its ``checkpoint()`` (called by submitit on preemption or timeout) resubmits the job."""
@@ -99,7 +92,8 @@ class Job:
         if ROOT not in sys.path:
             sys.path.insert(0, ROOT)
         args = copy.deepcopy(self.args)   # main() writes to its args; a requeue starts from the given ones
-        args.device = resolve_device(args.device)
+        from util.misc import default_device   # imports torch: only in the task, not on the login node
+        args.device = default_device(args.device)
         print(f'task {env["RANK"]} of {env["WORLD_SIZE"]} (local rank {env["LOCAL_RANK"]}), rendezvous '
               f'{env["MASTER_ADDR"]}:{env["MASTER_PORT"]}, device {args.device}', flush=True)
         return importlib.import_module(self.module).main(args)
