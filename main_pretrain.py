@@ -88,7 +88,7 @@ def get_args_parser():
                         'autocast on GPU, fp32 on CPU)')
     p.add_argument('--pad_multiple', default=0, type=int,
                    help='pad each batch (and the encoder\'s visible tokens) to a multiple of this many segments; '
-                        'results do not change, GPU kernels are faster with few distinct shapes. 0: 32 on GPU, 1 on '
+                        'results are equal up to float rounding, GPU kernels are faster with few distinct shapes. 0: 32 on GPU, 1 on '
                         'CPU (docs/BENCHMARKS.md)')
     p.add_argument('--cudnn_sdp', action='store_true',
                    help='let attention use the cuDNN kernel on GPU (off by default: it plans every new sequence '
@@ -173,11 +173,7 @@ def main(args):
     misc.init_distributed_mode(args)
     lock = None
     if misc.is_main_process():   # one run per output folder: a second one stops here
-        try:
-            lock = FolderLock(args.output_dir, 'pretraining run')
-        except OSError as e:
-            raise InputError(f'--output_dir {args.output_dir}: cannot create or write the output folder '
-                             f'({e.strerror or e})') from None
+        lock = FolderLock(args.output_dir, 'pretraining run')
     try:
         train(args)
     finally:

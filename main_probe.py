@@ -24,7 +24,7 @@ from util.checkpoint import (DECODER_PREFIXES, ArchitectureError, checkpoint_arg
                              load_model_state, model_state, resolve_arch)
 from util.embeddings import EmbeddingError
 from util.errors import InputError
-from util.features import FEATURE_DTYPES, Featurizer, Items, has_embeddings, load_split
+from util.features import FEATURE_DTYPES, Featurizer, Items, NonFiniteError, has_embeddings, load_split
 from util.fileio import FolderLock
 from util.misc import default_device
 from util.results import classification_avg, write_results
@@ -231,6 +231,9 @@ def select(task, combos, runs):
                      'test_mean': float(tests.mean()) if ok else None, 'test_std': float(tests.std()) if ok else None,
                      'diverged': any(r[c]['diverged'] for r in runs), 'per_seed': per_seed})
     usable = [c for c, g in enumerate(grid) if g['val_mean'] is not None]
+    if not usable:
+        raise NonFiniteError(f'task {task.name}: every (lr, weight_decay) combination diverged in some seed before '
+                             f'its first epoch ended; lower --lr')
     sign = 1 if task.regression else -1
     chosen = min(usable, key=lambda c: (sign * grid[c]['val_mean'], c))
     return grid, chosen

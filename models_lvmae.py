@@ -84,7 +84,7 @@ class LVMAE(nn.Module):
         self.input_scale = resolve_input_scale(input_scale, embed_dim)
         # Runtime setting, not part of the configuration: the encoder's visible tokens are padded to a
         # multiple of this (within the sequence length). Few distinct shapes keep GPU kernel plans
-        # cached; padding never changes a result (main_pretrain.py --pad_multiple).
+        # cached; padding changes no result beyond float rounding (main_pretrain.py --pad_multiple).
         self.pad_multiple = 1
 
         # encoder

@@ -3,7 +3,7 @@ against the original release's way (step 1 --reencode writes 5-second files, ste
 with the same encoder, on generated videos. One JSON line per measurement.
 
     python bench/bench_extract.py --quick                      # small, a minute on 2 CPU cores
-    python bench/bench_extract.py --num_videos 2 --minutes 3   # the README's figures
+    python bench/bench_extract.py --num_videos 2 --minutes 3   # the figures in docs/BENCHMARKS.md
     python bench/bench_extract.py --config huge --device cuda --dtype bf16 --batch_size 64 --skip_reencode
     python bench/bench_extract.py --decode_limit               # step 3 against decoding every frame
 

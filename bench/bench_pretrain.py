@@ -411,18 +411,6 @@ def in_fresh_process(fn, *a):
         return ex.submit(fn, *a).result()
 
 
-def bar(args, spec, speedup, arith):
-    """The issue's bar for the original mode: 10x at LVU-like lengths; at full windows 90% of the
-    arithmetic ratio (1.5x at depth 4 -> 1.35x)."""
-    lo, hi = parse_lengths(spec)
-    if hi <= 36:
-        return dict(bar='ours_speedup >= 10', meets_bar=speedup >= 10)
-    if lo == hi == args.num_patches:
-        return dict(bar=f'ours_speedup >= 0.9 * arith_ratio = {0.9 * arith:.2f}',
-                    meets_bar=speedup >= 0.9 * arith)
-    return {}
-
-
 def main(args):
     config = {k: v for k, v in vars(args).items() if k not in ('modes', 'lengths', 'quick')}
     config['threads'] = args.threads or torch.get_num_threads()
@@ -456,8 +444,6 @@ def main(args):
                 r.update(ours_speedup=speedup, ours_cpu_speedup=r['cpu_ms_per_step'] / ours['cpu_ms_per_step'],
                          arith_ratio=arith, bound_fraction=speedup / arith,
                          loss_diff=abs(r['loss_first'] - ours['loss_first']))
-                if m == 'original':
-                    r.update(bar(args, spec, speedup, arith))
             print(json.dumps({**r, 'config': config}), flush=True)
 
 

@@ -236,6 +236,8 @@ def test_video_reduction_is_the_mean_of_per_video_means():
     torch.testing.assert_close(loss, torch.stack(per_video).mean(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match='loss_reduction'):
         tiny(loss_reduction='tokens')
+
+
 def test_input_scale_multiplies_the_inputs_not_the_targets():
     x, lengths = batch([7, 5], seed=3)
     mask = LVMAE.valid_mask(lengths, 7) & (torch.arange(7) % 2 == 1)
@@ -281,3 +283,31 @@ def test_padding_to_a_multiple_changes_no_result():
     torch.testing.assert_close(pred_b[:, :13], pred_a, rtol=1e-4, atol=1e-5)
     # never past num_patches, never shorter than the longest video
     assert collate_pretrain(samples, multiple=32, max_len=14)[0].shape[1] == 14
+
+
+# ---------------------------------------------------------------- architecture from a checkpoint, bad flags
+def test_resolve_arch_notes_unknown_head_counts_and_rejects_heads_that_do_not_divide():
+    from util.checkpoint import ArchitectureError, resolve_arch
+    sd = tiny().state_dict()                       # no stored args: heads cannot be read from shapes
+    arch, notes = resolve_arch({}, sd, {}, source='ckpt')
+    assert arch['depth'] == 2 and arch['decoder_depth'] == 1 and arch['input_size'] == D
+    assert notes == ['num_heads', 'decoder_num_heads']
+    _, notes = resolve_arch({}, sd, {'num_heads': 4, 'decoder_num_heads': 2}, source='ckpt')
+    assert notes == []
+    with pytest.raises(ArchitectureError, match='--num_heads 5 does not divide the encoder width 32'):
+        resolve_arch({}, sd, {'num_heads': 5}, source='ckpt')
+    with pytest.raises(ArchitectureError, match='decoder_num_heads 3 does not divide the decoder width 16'):
+        resolve_arch({}, sd, {'decoder_num_heads': 3}, source='ckpt')
+
+
+def test_unwritable_output_folder_and_missing_gpu_are_input_errors(tmp_path):
+    from util.fileio import FolderLock
+    from util.misc import default_device
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    with pytest.raises(InputError, match='cannot create or write the output folder'):
+        FolderLock(str(blocker / 'out'))
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match='CUDA is not available'):
+            default_device('cuda:0')
+    assert default_device('cpu') == 'cpu'

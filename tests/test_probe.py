@@ -218,9 +218,9 @@ def test_resolve_arch_order_flags_args_shapes_paper():
                decoder_num_heads=2).state_dict()
     arch, notes = resolve_arch({}, sd, {})      # shapes only: heads unknown -> the paper's, and said so
     assert (arch['num_patches'], arch['input_size'], arch['depth'], arch['mlp_ratio']) == (16, D, 2, 4.0)
-    assert arch['num_heads'] == PAPER_CONFIG['num_heads'] and notes == ['num_heads']
+    assert arch['num_heads'] == PAPER_CONFIG['num_heads'] and notes == ['num_heads', 'decoder_num_heads']
     arch, notes = resolve_arch({'num_heads': 4, 'depth': 2, 'cos_loss': True}, sd, {'num_patches': 8})
-    assert arch['num_heads'] == 4 and arch['num_patches'] == 8 and not notes
+    assert arch['num_heads'] == 4 and arch['num_patches'] == 8 and notes == ['decoder_num_heads']
     assert arch['cos_loss'] is True    # any LVMAE keyword stored in the args is carried (e.g. an input scale)
     with pytest.raises(ValueError, match='num_heads=4'):
         resolve_arch({'num_heads': 4}, sd, {'num_heads': 2})

@@ -1,4 +1,4 @@
-"""`make demo`: the README's numbered steps, pretraining and both probes on a generated long-video benchmark.
+"""`make demo`: the numbered data steps, pretraining and both probes on a generated long-video benchmark.
 
     python tools/demo.py [--out_dir demo_out] [--size small|tiny] [--model_path DIR] [--seeds 0 1 2]
 

@@ -67,8 +67,8 @@ def load_model(path, heads=None):
     ckpt_args = checkpoint_args(ckpt)
     try:
         cfg, notes = resolve_arch(ckpt_args, sd, heads, source=path)
-        if notes:
-            print(f'{path}: {", ".join(notes)} not stored in the checkpoint: using the paper\'s (set --num_heads)')
+        for key in notes:
+            print(f'{path}: {key} not stored in the checkpoint: using {cfg[key]} (set --{key})')
         model = LVMAE(**cfg)
         load_model_state(model, sd, path, strict=True)
     except (RuntimeError, ValueError, AssertionError) as e:

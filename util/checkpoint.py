@@ -169,8 +169,10 @@ def resolve_arch(ckpt_args=None, sd=None, flags=None, source='checkpoint'):
     checkpoint's stored args, what its parameter shapes say, the paper's configuration
     (``models_lvmae.PAPER_CONFIG``). A flag that contradicts the checkpoint's stored ``num_heads`` is
     an error (head counts leave no trace in the shapes); other contradictions show up as shape
-    mismatches when the weights are loaded. Returns ``(kwargs, notes)``; ``notes`` lists the keys that
-    fell back to the paper's values although a checkpoint was given."""
+    mismatches when the weights are loaded; heads that do not divide their width are an error too.
+    Returns ``(kwargs, notes)``; ``notes`` lists the head counts (``num_heads``, and
+    ``decoder_num_heads`` when the state dict has a decoder) that fell back to the paper's values
+    although a checkpoint was given."""
     from models_lvmae import PAPER_CONFIG
     ckpt_args, sd, flags = ckpt_args or {}, sd or {}, flags or {}
     keys = model_config_keys()
@@ -188,6 +190,14 @@ def resolve_arch(ckpt_args=None, sd=None, flags=None, source='checkpoint'):
                 break
         else:
             continue
-        if sd and k == 'num_heads' and k not in given and k not in stored:
+        heads_unknown = k not in given and k not in stored
+        if sd and heads_unknown and (k == 'num_heads' or (k == 'decoder_num_heads' and 'decoder_depth' in shapes)):
             notes.append(k)
+    width = arch.get('embed_dim') or arch['input_size']
+    for heads, dim, name in (('num_heads', width, 'encoder width'),
+                             ('decoder_num_heads', arch.get('decoder_embed_dim'), 'decoder width')):
+        if dim and arch.get(heads) and dim % arch[heads]:
+            raise ArchitectureError(f'{source}: --{heads} {arch[heads]} does not divide the {name} {dim}')
+    if width % 2:
+        raise ArchitectureError(f'{source}: the encoder width {width} must be even (sin-cos positions)')
     return arch, notes

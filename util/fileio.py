@@ -90,12 +90,12 @@ class FolderLock:
     instead of silently mixing its files with the first run's."""
 
     def __init__(self, folder, what='run'):
-        os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, '.lock')
         try:
+            os.makedirs(folder, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         except OSError as e:
-            raise InputError(f'{folder}: cannot write to the output folder ({e.strerror})') from None
+            raise InputError(f'{folder}: cannot create or write the output folder ({e.strerror or e})') from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -103,6 +103,8 @@ class FolderLock:
             os.close(self.fd)
             raise InputError(f'{folder}: another {what} is using this output folder ({holder}); '
                              f'wait for it or choose another output folder') from None
+        except OSError:   # a file system without locks: run unlocked rather than not at all
+            pass
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f'pid {os.getpid()}'.encode(), 0)
 

@@ -32,8 +32,6 @@ def init_distributed_mode(args):
     # under torchrun each process takes the GPU of its LOCAL_RANK; one process keeps --device's index
     args.gpu = int(os.environ['LOCAL_RANK']) if 'LOCAL_RANK' in os.environ else torch.device(args.device).index or 0
     if args.device.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise InputError(f'--device {args.device} but CUDA is not available; use --device cpu')
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
     if args.distributed:
@@ -223,8 +221,11 @@ def trim_log(output_dir, start_epoch):
 # ---------------------------------------------------------------- device
 def default_device(name='auto'):
     """The ``--device`` every script takes: ``auto`` is ``cuda:$LOCAL_RANK`` under torchrun, else
-    ``cuda`` when a GPU is available, else ``cpu``; any other name is returned unchanged."""
+    ``cuda`` when a GPU is available, else ``cpu``; any other name is returned unchanged. A CUDA device
+    on a machine without one is an ``InputError``."""
     if name != 'auto':
+        if str(name).startswith('cuda') and not torch.cuda.is_available():
+            raise InputError(f'--device {name} but CUDA is not available; use --device cpu (or auto)')
         return name
     if not torch.cuda.is_available():
         return 'cpu'
