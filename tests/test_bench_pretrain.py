@@ -16,13 +16,7 @@ TINY = ['--num_patches', '16', '--input_size', '16', '--depth', '2', '--num_head
         '--decoder_depth', '2', '--decoder_num_heads', '2', '--batch_size', '4', '--lengths', '3-16']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids waiting on busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def grads(model, loss):

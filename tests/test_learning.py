@@ -28,13 +28,7 @@ STEPS = 800
 GAP = 20  # points of probe accuracy that pretraining must add (3 balanced classes, 150 test videos)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids waiting on busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def shuffled_positions(monkeypatch):

@@ -50,13 +50,7 @@ def segments(rng, proto, kinds_seq, noise=0.05):
     return proto[kinds_seq] + noise * torch.from_numpy(rng.standard_normal((len(kinds_seq), D))).float()
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids waiting on busy cores (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
