@@ -39,8 +39,9 @@ SIZES = {  # generator, pretraining and probe settings of each size
         data=[],
         pretrain=['--batch_size', '16', '--depth', '2', '--num_heads', '4', '--decoder_embed_dim', '64',
                   '--decoder_depth', '1', '--decoder_num_heads', '4', '--num_patches', '32', '--mask_ratio', '.5',
-                  '--lr', '3e-3', '--warmup_epochs', '2', '--save_every', '40', '--eval_every', '5'],
-        epochs=40, probe=['--batch_size', '16', '--lr', '3e-3'], probe_epochs=60, seeds=[0, 1, 2]),
+                  '--lr', '3e-3', '--warmup_epochs', '2', '--save_every', '60', '--eval_every', '10',
+                  '--input_scale', 'auto'],
+        epochs=60, probe=['--batch_size', '16', '--lr', '3e-3'], probe_epochs=60, seeds=[0, 1, 2]),
     'tiny': dict(
         data=['--num_videos', '9', '--num_unlabelled', '4', '--min_segments', '6', '--max_segments', '6',
               '--size', '32'],

@@ -3,22 +3,22 @@ kinds, many unlabelled videos for pretraining and fewer labelled ones in LVU's s
 step 4 reads them as LVU), with two tasks that only the ORDER of scenes across the video decides and one
 that the scene frequencies decide.
 
-    python tools/make_demo_data.py --out_dir demo_out/data [--num_videos 120] [--num_unlabelled 240]
-        [--min_segments 12] [--max_segments 16] [--fps 2] [--size 32] [--seed 0]
+    python tools/make_demo_data.py --out_dir demo_out/data [--num_videos 150] [--num_unlabelled 450]
+        [--min_segments 8] [--max_segments 12] [--fps 2] [--size 32] [--seed 0]
 
 Writes ``videos/demo<i>.mp4`` (labelled, split 60/20/20 into train/val/test), ``unlabelled/u<i>.mp4``,
-``lvu_1.0/{plot,direction,dominant}/{train,val,test}.csv``, ``README.txt`` and ``stamp.json`` under
+``lvu_1.0/{plot,direction,tint}/{train,val,test}.csv``, ``README.txt`` and ``stamp.json`` under
 --out_dir. A rerun with the same arguments reuses the files. Same seed, same bytes: the videos are
 MPEG-4 Part 2 from FFmpeg's own encoder, one thread.
 
 Every video follows a "plot": a cyclic order of the six kinds (PLOTS, three of them), traversed forwards
-or backwards from a random kind; each scene lasts a whole number of 5-second segments (2 or 3; 4 for
-the video's dominant kind), so each segment shows a single kind.
+or backwards from a random kind; each scene lasts a whole number of 5-second segments (2 or 3), so each
+segment shows a single kind; every frame of a video carries its tint (a colour shift).
 - plot (3 classes): which cyclic order the video follows. Every plot visits every kind equally often:
   the frequencies of kinds, hence a mean over segments, say nothing about it.
 - direction (2 classes): forwards or backwards along its cycle. Same frequencies both ways.
-- dominant (3 classes): which of flat / hstripes / vstripes has longer scenes (4 segments instead of 2
-  or 3); the frequencies decide it, so pooling suffices (a sanity check).
+- tint (3 classes): warm, neutral or cool colour shift of the whole video; every segment shows it, so
+  pooling suffices (a sanity check).
 Labels are independent and balanced in every split. Unlabelled videos are drawn the same way.
 """
 import argparse
@@ -36,7 +36,7 @@ SEGMENT_SEC = 5
 KINDS = ('flat', 'hstripes', 'vstripes', 'checker', 'disc', 'diagonal')
 # three cyclic orders of the six kinds; the six (plot, direction) cycles are all different (tested)
 PLOTS = ((0, 1, 2, 3, 4, 5), (0, 2, 4, 1, 5, 3), (0, 3, 1, 4, 2, 5))
-DOMINANT_KINDS = (0, 1, 2)
+TINTS = ((12, 0, -12), (0, 0, 0), (-12, 0, 12))  # RGB shift of every frame: warm, neutral, cool
 COLORS = {  # two base colours per kind (RGB), far apart between kinds
     'flat': ((230, 140, 40), (230, 140, 40)),
     'hstripes': ((40, 180, 60), (10, 30, 10)),
@@ -48,7 +48,7 @@ COLORS = {  # two base colours per kind (RGB), far apart between kinds
 TASKS = {  # name -> class names
     'plot': [f'plot{i}' for i in range(len(PLOTS))],
     'direction': ['forwards', 'backwards'],
-    'dominant': [f'{KINDS[k]}_long' for k in DOMINANT_KINDS],
+    'tint': ['warm', 'neutral', 'cool'],
 }
 ORDER_TASKS = ('plot', 'direction')
 SPLITS = ('train', 'val', 'test')
@@ -58,10 +58,10 @@ VIDEO_RE = re.compile(r'^\.?(demo|u)\d+\.mp4(\..*\.tmp)?$')  # our videos and th
 def get_args_parser():
     parser = argparse.ArgumentParser('Generate the demo long-video benchmark', add_help=False)
     parser.add_argument('--out_dir', default='demo_out/data', help='where videos/, unlabelled/, lvu_1.0/ go')
-    parser.add_argument('--num_videos', default=120, type=int, help='labelled videos, split 60/20/20')
-    parser.add_argument('--num_unlabelled', default=240, type=int, help='unlabelled videos (pretraining)')
-    parser.add_argument('--min_segments', default=12, type=int, help='shortest video, in 5-second segments')
-    parser.add_argument('--max_segments', default=16, type=int, help='longest video, in 5-second segments')
+    parser.add_argument('--num_videos', default=150, type=int, help='labelled videos, split 60/20/20')
+    parser.add_argument('--num_unlabelled', default=450, type=int, help='unlabelled videos (pretraining)')
+    parser.add_argument('--min_segments', default=8, type=int, help='shortest video, in 5-second segments')
+    parser.add_argument('--max_segments', default=12, type=int, help='longest video, in 5-second segments')
     parser.add_argument('--fps', default=2, type=int)
     parser.add_argument('--size', default='32', help='frame size: W (square) or WxH, even numbers')
     parser.add_argument('--seed', default=0, type=int)
@@ -84,17 +84,16 @@ def split_sizes(n):
     return n - n_val - n_test, n_val, n_test
 
 
-def layout(n, plot, direction, dominant, rng):
+def layout(n, plot, direction, rng):
     """Kind of each of the ``n`` segments of one video: its plot's cycle, forwards or backwards, from a
-    random kind; scenes of 2 or 3 segments, 4 for the dominant kind."""
+    random kind; scenes of 2 or 3 segments."""
     cycle = [KINDS[k] for k in PLOTS[plot]]
     if direction:
         cycle = cycle[::-1]
     k = int(rng.integers(len(cycle)))
     kinds = []
     while len(kinds) < n:
-        kind = cycle[k % len(cycle)]
-        kinds += [kind] * (4 if kind == KINDS[DOMINANT_KINDS[dominant]] else int(rng.integers(2, 4)))
+        kinds += [cycle[k % len(cycle)]] * int(rng.integers(2, 4))
         k += 1
     return kinds[:n]
 
@@ -121,12 +120,12 @@ def video_plan(video_id, index, split, combo, min_segments, max_segments, seed):
     vrng = np.random.default_rng([seed, index])
     n = int(vrng.integers(min_segments, max_segments + 1))
     # every prefix of the sequence 0, 1, 2, ... is nearly balanced for each task, and every 18 in a row
-    # hold each (plot, direction, dominant) combination once
+    # hold each (plot, direction, tint) combination once
     plot, direction = combo % len(PLOTS), combo % 2
-    dominant = (combo // (2 * len(PLOTS)) + plot) % len(DOMINANT_KINDS)
+    tint = (combo // (2 * len(PLOTS)) + plot) % len(TINTS)
     return {'video_id': video_id, 'imdb_id': f'tt{index + 1:07d}', 'index': index, 'split': split,
-            'duration': n * SEGMENT_SEC, 'plot': plot, 'direction': direction, 'dominant': dominant,
-            'segments': layout(n, plot, direction, dominant, vrng)}
+            'duration': n * SEGMENT_SEC, 'plot': plot, 'direction': direction, 'tint': tint,
+            'segments': layout(n, plot, direction, vrng)}
 
 
 def scenes(segments):
@@ -176,8 +175,10 @@ def render_video(video, fps, size, seed):
     """Frames of one planned video, scene after scene."""
     rng = np.random.default_rng([seed, video['index'], 1])
     per_segment = SEGMENT_SEC * fps
+    tint = np.array(TINTS[video['tint']], dtype=np.int16)
     for kind, _, n in scenes(video['segments']):
-        yield from render_scene(kind, n * per_segment, size, rng)
+        for frame in render_scene(kind, n * per_segment, size, rng):
+            yield np.clip(frame + tint, 0, 255).astype(np.uint8)
 
 
 def annotation_lines(task, videos):
@@ -196,13 +197,12 @@ videos/ (train/val/test: {counts['train']}/{counts['val']}/{counts['test']}), {a
 {args.max_segments} segments of {SEGMENT_SEC} s each, {w}x{h} pixels at {args.fps} fps, MPEG-4 in .mp4.
 Each video is a sequence of scenes, each a whole number of {SEGMENT_SEC}-second segments, so every segment
 shows one scene kind: {', '.join(KINDS)}. A video follows the cyclic order of one plot
-({cycles}), forwards or backwards, from a random kind; scenes last 2 or 3 segments, 4 for the video's
-dominant kind.
+({cycles}), forwards or backwards, from a random kind; scenes last 2 or 3 segments. Every frame of a video is shifted by its tint (RGB).
 Labels are in LVU's split-file format (space-separated, one header line) in lvu_1.0/<task>/<split>.csv:
 - plot: which cyclic order (chance 1/3). Every kind appears equally often in every plot: only order tells.
 - direction: forwards (0) or backwards (1) along the cycle (chance 1/2). Only order tells.
-- dominant: which of {', '.join(KINDS[k] for k in DOMINANT_KINDS)} has 4-segment scenes (chance 1/3); the
-  frequencies of kinds tell it (pooling suffices).
+- tint: the colour shift of the whole video, warm {TINTS[0]}, neutral or cool {TINTS[2]} (chance 1/3);
+  every segment shows it: pooling suffices.
 Labels are independent and balanced in every split. The imdb ids are fake.
 """
 
