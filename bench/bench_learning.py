@@ -36,6 +36,19 @@ from util.reconstruction import retrieval_ranks  # noqa: E402
 TINY = dict(num_patches=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
 
 
+class InputTransform(nn.Module):
+    """What a variant does to the input embeddings before the encoder's input projection."""
+
+    def __init__(self, proj, variant, dim):
+        super().__init__()
+        self.proj, self.variant = proj, variant
+        self.gain = nn.Parameter(torch.ones(())) if variant == 'learned' else None
+        self.norm = nn.LayerNorm(dim) if variant == 'layernorm' else None
+
+    def forward(self, t):
+        return self.proj(t * self.gain if self.gain is not None else self.norm(t))
+
+
 def build(dim, variant='release', seed=0, **kw):
     """A small LV-MAE of the given input variant, initialised from ``seed``."""
     torch.manual_seed(seed)
@@ -44,14 +57,8 @@ def build(dim, variant='release', seed=0, **kw):
         scale = {'release': 1.0, 'auto': 'auto'}.get(variant) or float(variant[len('scale'):])
         return LVMAE(**cfg, input_scale=scale)
     model = LVMAE(**cfg)
-    if variant == 'learned':
-        model.input_gain = nn.Parameter(torch.ones(()))
-        proj = model.input_proj
-        model.input_proj = lambda t: proj(t * model.input_gain)
-    elif variant == 'layernorm':
-        model.input_norm = nn.LayerNorm(model.input_size)
-        proj = model.input_proj
-        model.input_proj = lambda t: proj(model.input_norm(t))
+    if variant in ('learned', 'layernorm'):
+        model.input_proj = InputTransform(model.input_proj, variant, model.input_size)
     elif variant == 'smallpos':
         model.pos_embed.data /= math.sqrt(model.embed_dim / 2)
     else:
@@ -132,26 +139,29 @@ def val_measures(model, xs, mask_ratio=0.5, seed=0):
 def main(argv=None):
     p = argparse.ArgumentParser('LV-MAE learning measurement on generated plot sequences')
     p.add_argument('--variants', nargs='+', default=['release', 'auto', 'learned', 'layernorm', 'smallpos'])
-    p.add_argument('--dim', default=64, type=int)
-    p.add_argument('--depth', default=4, type=int)
-    p.add_argument('--steps', default=600, type=int)
-    p.add_argument('--num_pretrain', default=800, type=int)
-    p.add_argument('--num_train', default=240, type=int)
-    p.add_argument('--num_test', default=180, type=int)
+    p.add_argument('--dim', default=32, type=int)
+    p.add_argument('--depth', default=2, type=int)
+    p.add_argument('--steps', default=800, type=int)
+    p.add_argument('--batch_size', default=16, type=int)
+    p.add_argument('--lr', default=3e-3, type=float)
+    p.add_argument('--num_pretrain', default=400, type=int)
+    p.add_argument('--num_train', default=150, type=int)
+    p.add_argument('--num_test', default=150, type=int)
     p.add_argument('--seeds', default=[0, 1], type=int, nargs='+')
-    p.add_argument('--threads', default=2, type=int)
+    p.add_argument('--threads', default=1, type=int)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = PlotData(dim=args.dim, min_len=24, max_len=64)
+    # the data of tests/test_learning.py
+    data = PlotData(dim=args.dim, min_len=16, max_len=32, shared=0.5, noise=0.15, min_scene=3, max_scene=5)
     unlabelled = data.videos(args.num_pretrain, 100)[0]
-    train, test, val = data.videos(args.num_train, 101), data.videos(args.num_test, 102), data.videos(90, 103)[0]
+    train, test, val = data.videos(args.num_train, 101), data.videos(args.num_test, 102), data.videos(60, 103)[0]
     for variant in args.variants:
         for seed in args.seeds:
             start = time.time()
             model = build(args.dim, variant, seed, depth=args.depth)
             untrained = ap_probe(model.eval(), train, test, seed=seed)
             before = val_measures(model, val)
-            pretrain(model, unlabelled, args.steps, seed=seed)
+            pretrain(model, unlabelled, args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed)
             after = val_measures(model, val)
             print(json.dumps({'variant': variant, 'seed': seed, 'ap_pretrained': round(ap_probe(model, train, test, seed=seed), 1),
                               'ap_untrained': round(untrained, 1),

@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import demo  # noqa: E402  (tools/ is not a package)
 
-TASKS = ['mix', 'order', 'view_count']
-PROBES = ['ap_raw', 'lp_raw', 'lp', 'ap']
+TASKS = ['plot', 'direction', 'tint']
+PROBES = ['ap_raw', 'lp_raw', 'ap_untrained', 'lp_untrained', 'lp', 'ap']
 
 
 def run_demo(out):
@@ -34,10 +34,12 @@ def test_demo_tiny_chain(tmp_path):
     for cmd in ('python tools/make_demo_data.py --out_dir', 'python segment_video_library_movie_clip.py --video_dir',
                 'python prepare_paired_paths.py --segments_csv', 'python langbind_preprocessing.py --video_path_file',
                 'python segment_dataframe_movie_clip.py --dataset lvu', 'python main_pretrain.py --input_size 64',
-                'python test_ap_movie_clip.py --task mix order view_count', 'python test_lp_movie_clip.py'):
+                'python test_ap_movie_clip.py --task plot direction tint', 'python test_lp_movie_clip.py'):
         assert '$ ' + cmd in log, cmd
     commands = [line for line in log.splitlines() if line.startswith('$ python test_')]
-    assert len(commands) == 4 and sum('--baseline raw' in c for c in commands) == 2
+    assert len(commands) == 6 and sum('--baseline raw' in c for c in commands) == 2
+    assert sum('untrained/checkpoint-untrained.pth' in c for c in commands) == 2
+    assert 'python segment_dataframe_movie_clip.py --dataset pretrain --embedding_dir' in log
     assert log.count('RANDOM encoder') >= 3
 
     videos = sorted(os.path.basename(p)[:-4] for p in glob.glob(str(out / 'data/videos/*.mp4')))
@@ -47,40 +49,47 @@ def test_demo_tiny_chain(tmp_path):
     assert os.path.isfile(out / 'segments/paired_paths.json')
     stores = sorted(os.path.basename(p)[:-12] for p in glob.glob(str(out / 'embeddings/*.safetensors')))
     assert stores == videos
+    unlabelled = sorted(os.path.basename(p)[:-4] for p in glob.glob(str(out / 'data/unlabelled/*.mp4')))
+    assert len(unlabelled) == 4 and not set(unlabelled) & set(videos)
+    stores = sorted(os.path.basename(p)[:-12] for p in glob.glob(str(out / 'embeddings_unlabelled/*.safetensors')))
+    assert stores == unlabelled
     for task in TASKS:
         for split in ('train', 'val', 'test'):
             assert len(pd.read_csv(out / 'csv' / task / f'{split}.csv')) > 0
         assert os.path.isfile(out / 'csv' / task / 'task.json')
-    assert len(pd.read_csv(out / 'csv/pretrain_train.csv')) == len(pd.read_csv(out / 'csv/mix/train.csv'))
+    # pretraining sees the unlabelled videos only
+    assert sorted(pd.read_csv(out / 'csv/pretrain_train.csv')['video_id']) == unlabelled
     checkpoint = out / 'pretrain/checkpoint-1.pth'
     assert os.path.isfile(checkpoint)
+    # the untrained control: the pretrained checkpoint's architecture, other weights
+    from util.checkpoint import load_checkpoint
+    pre, unt = load_checkpoint(checkpoint), load_checkpoint(out / 'untrained/checkpoint-untrained.pth')
+    assert {k: v.shape for k, v in pre['model'].items()} == {k: v.shape for k, v in unt['model'].items()}
+    assert not all((pre['model'][k] == unt['model'][k]).all() for k in pre['model'])
     assert glob.glob(str(out / 'pretrain/tensorboard/events.out.tfevents.*'))
     for name in PROBES:
         with open(out / 'probes' / name / 'results.json') as f:
             res = json.load(f)
-        assert res['random_encoder'] is True and sorted(res['tasks']) == TASKS
+        assert res['random_encoder'] is True and sorted(res['tasks']) == sorted(TASKS)
         assert all('test_mean' in r for r in res['tasks'].values())
 
     # the final table: one row per task, a number in range in every column
     with open(out / 'demo_results.json') as f:
         summary = json.load(f)
     assert summary['random_encoder'] is True and 'RANDOM' in summary['title']
-    assert sorted(summary['tasks']) == TASKS
+    assert list(summary['tasks']) == TASKS
     for task, row in summary['tasks'].items():
-        assert row['metric'] == ('mse' if task == 'view_count' else 'top1')
+        assert row['metric'] == 'top1'
         values = [row['chance']] + [row[n] for n in PROBES]
-        assert all(isinstance(v, float) and math.isfinite(v) for v in values), row
-        if row['metric'] == 'top1':
-            assert all(0 <= v <= 100 for v in values), row
-        else:
-            assert all(v >= 0 for v in values), row
-    assert summary['tasks']['order']['chance'] == 50.0  # balanced, two classes
+        assert all(isinstance(v, float) and math.isfinite(v) and 0 <= v <= 100 for v in values), row
+    assert summary['tasks']['direction']['chance'] == 50.0  # balanced, two classes
     with open(out / 'demo_results.md') as f:
         md = f.read()
     assert 'RANDOM' in md.splitlines()[0]
-    rows = [line for line in md.splitlines() if line.startswith('| ') and not line.startswith('| task')]
-    assert [r.split(' | ')[0][2:] for r in rows] == TASKS
-    assert all(r.count('|') == 8 for r in rows)
+    assert md.splitlines()[2] == '| method | plot (order) | direction (order) | tint (pooling) |'
+    rows = [line for line in md.splitlines() if line.startswith('| ') and not line.startswith('| method')]
+    assert [r.split(' | ')[0][2:] for r in rows] == ['chance'] + [demo.COLUMNS[n] for n in PROBES]
+    assert all(r.count('|') == 5 for r in rows)
     for path in summary['artefacts']['probe_results'] + [summary['artefacts']['checkpoint']]:
         assert os.path.isfile(path)
 

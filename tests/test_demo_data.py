@@ -1,6 +1,5 @@
 """The generated demo benchmark (tools/make_demo_data.py): files, labels, determinism, reuse."""
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -10,10 +9,9 @@ import numpy as np
 import pytest
 
 from tools import make_demo_data as demo
-from util.tasks import VIEW_COUNT_OFFSET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(num_videos=5, min_minutes=0.75, max_minutes=0.9, fps=2, size='32x24', max_count=2, seed=0)
+TINY = dict(num_videos=5, num_unlabelled=2, min_segments=9, max_segments=10, fps=2, size='32x24', seed=0)
 
 
 def make_args(out_dir, **overrides):
@@ -26,34 +24,37 @@ def read_split(path):
     return lines[0].split(), [line.split() for line in lines[1:]]
 
 
-def runs(segments, kind):
-    """``[(first, length)]`` of the runs of ``kind``."""
-    return [(first, n) for k, first, n in demo.scenes(segments) if k == kind]
+def check_labels(v):
+    """The segments follow the video's plot and direction; scenes last 2 or 3 segments."""
+    cycle = [demo.KINDS[k] for k in demo.PLOTS[v['plot']]]
+    if v['direction']:
+        cycle = cycle[::-1]
+    runs = demo.scenes(v['segments'])
+    for (kind, _, n), (nxt, _, _) in zip(runs, runs[1:]):       # each scene is followed by the next kind
+        assert cycle[(cycle.index(kind) + 1) % 6] == nxt
+    for kind, first, n in runs[1:-1]:                             # whole scenes (not cut by the video's ends)
+        assert n in (2, 3)
 
 
-def check_labels(v, max_count):
-    seg, n = v['segments'], len(v['segments'])
-    mix_counts = [seg.count(k) for k in demo.MIX_KINDS]
-    assert 2 * mix_counts[v['mix']] > sum(mix_counts)  # the labelled kind fills more than half
-    (a_start, a_len), = runs(seg, demo.ORDER_KINDS[0])  # each order kind: exactly one scene
-    (b_start, b_len), = runs(seg, demo.ORDER_KINDS[1])
-    assert a_len == b_len == demo.order_block(n)
-    first, second = sorted([(a_start, a_len), (b_start, b_len)])
-    assert first[0] + first[1] <= n // 3 and second[0] >= n - n // 3  # first and last thirds
-    assert v['order'] == int(a_start < b_start)
-    assert seg.count(demo.COUNT_KIND) == v['count'] <= max_count
-    assert math.log(v['view_count']) - VIEW_COUNT_OFFSET == pytest.approx(v['count'] - max_count / 2, abs=1e-4)
+def test_plots_are_six_different_cycles():
+    cycles = set()
+    for p in demo.PLOTS:
+        assert sorted(p) == list(range(len(demo.KINDS)))
+        for r in (list(p), list(p)[::-1]):
+            cycles.add(min(tuple(r[i:] + r[:i]) for i in range(len(r))))
+    assert len(cycles) == 2 * len(demo.PLOTS)
 
 
 def test_files_decode_and_labels_follow_the_rules(tmp_path):
     args = make_args(tmp_path)
     plan = demo.generate(args)
-    assert [v['video_id'] for v in plan] == [f'demo{i:04d}' for i in range(5)]
+    assert [v['video_id'] for v in plan] == [f'demo{i:04d}' for i in range(5)] + ['u0000', 'u0001']
+    assert [v['split'] for v in plan[5:]] == ['unlabelled'] * 2
     for v in plan:
-        assert 45 <= v['duration'] <= 54 and v['duration'] % demo.SEGMENT_SEC == 0
-        assert len(v['segments']) * demo.SEGMENT_SEC == v['duration']
-        check_labels(v, args.max_count)
-        with av.open(str(tmp_path / 'videos' / f"{v['video_id']}.mp4")) as c:
+        assert 45 <= v['duration'] <= 50 and len(v['segments']) * demo.SEGMENT_SEC == v['duration']
+        check_labels(v)
+        folder = 'unlabelled' if v['split'] == 'unlabelled' else 'videos'
+        with av.open(str(tmp_path / folder / f"{v['video_id']}.mp4")) as c:
             frames = np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
             assert float(c.duration / av.time_base) == pytest.approx(v['duration'], abs=0.5)
         assert frames.shape == (v['duration'] * args.fps, 24, 32, 3)
@@ -70,29 +71,39 @@ def test_files_decode_and_labels_follow_the_rules(tmp_path):
             header, rows = read_split(tmp_path / 'lvu_1.0' / task / f'{split}.csv')
             videos = [v for v in plan if v['split'] == split]
             assert [r[-2] for r in rows] == [v['video_id'] for v in videos] and videos
-            if names is None:
-                assert header == ['view_count', 'youtube_id', 'imdb_id']
-                assert [int(r[0]) for r in rows] == [v['view_count'] for v in videos]
-            else:
-                assert header == ['class_id', 'class_name', 'youtube_id', 'imdb_id']
-                assert [(int(r[0]), r[1]) for r in rows] == [(v[task], names[v[task]]) for v in videos]
+            assert header == ['class_id', 'class_name', 'youtube_id', 'imdb_id']
+            assert [(int(r[0]), r[1]) for r in rows] == [(v[task], names[v[task]]) for v in videos]
             assert all(r[-1].startswith('tt') for r in rows)
     assert [sum(v['split'] == s for v in plan) for s in demo.SPLITS] == [3, 1, 1]
-    orders = [v['order'] for v in plan]
-    assert abs(2 * sum(orders) - len(orders)) <= 1  # balanced
-    assert 'order' in (tmp_path / 'README.txt').read_text()
+    assert 'direction' in (tmp_path / 'README.txt').read_text()
 
 
-def test_larger_plan_is_balanced_and_follows_the_rules():
-    plan = demo.make_plan(60, 1, 3, 4, seed=3)
+def test_larger_plan_is_balanced_and_kind_frequencies_say_nothing():
+    plan = demo.make_plan(72, 36, 12, 20, seed=3)
     for v in plan:
-        assert 12 <= len(v['segments']) <= 36
-        check_labels(v, 4)
-    for split in demo.SPLITS:
+        assert 12 <= len(v['segments']) <= 20
+        check_labels(v)
+    for split in demo.SPLITS + ('unlabelled',):
         vs = [v for v in plan if v['split'] == split]
-        assert abs(2 * sum(v['order'] for v in vs) - len(vs)) <= 1
-        assert max(np.bincount([v['mix'] for v in vs], minlength=3)) - min(np.bincount([v['mix'] for v in vs])) <= 1
-    assert len({v['count'] for v in plan}) == 5
+        for task, names in demo.TASKS.items():
+            counts = np.bincount([v[task] for v in vs], minlength=len(names))
+            assert counts.max() - counts.min() <= 2, (split, task, counts)
+    # the frequencies of kinds: the same on average for every plot and direction (and tint)
+    freq = lambda v: np.array([v['segments'].count(k) for k in demo.KINDS]) / len(v['segments'])
+    for task in demo.TASKS:
+        means = [np.mean([freq(v) for v in plan if v[task] == c], axis=0) for c in range(len(demo.TASKS[task]))]
+        assert max(np.abs(m - means[0]).max() for m in means) < 0.05, task
+
+
+def test_tint_shifts_every_frame():
+    v = demo.make_plan(18, 0, 8, 8, seed=0)[0]
+    means = []
+    for tint in range(3):
+        frames = np.stack(list(demo.render_video(dict(v, tint=tint), 2, (32, 32), 0))).astype(float)
+        means.append(frames.mean(axis=(1, 2)))                        # [T, 3] mean colour of each frame
+    warm, neutral, cool = means
+    assert (warm[:, 0] > neutral[:, 0]).all() and (warm[:, 2] < neutral[:, 2]).all()
+    assert (cool[:, 0] < neutral[:, 0]).all() and (cool[:, 2] > neutral[:, 2]).all()
 
 
 def test_scene_kinds_are_distinct():
@@ -120,7 +131,7 @@ def test_deterministic_reused_and_regenerated(tmp_path):
     demo.generate(make_args(tmp_path / 'a'))
     demo.generate(make_args(tmp_path / 'b'))
     a, b = all_bytes(tmp_path / 'a'), all_bytes(tmp_path / 'b')
-    assert a == b and len(a) == 5 + 9 + 2
+    assert a == b and len(a) == 5 + 2 + 9 + 2
     demo.generate(make_args(tmp_path / 'c', seed=1))
     c = all_bytes(tmp_path / 'c')
     assert all(c[k] != a[k] for k in a if k.startswith('videos'))
@@ -139,12 +150,14 @@ def test_deterministic_reused_and_regenerated(tmp_path):
     plan = demo.generate(make_args(tmp_path / 'a', num_videos=3))
     assert sorted(os.listdir(tmp_path / 'a' / 'videos')) == ['demo0000.mp4', 'demo0001.mp4', 'demo0002.mp4',
                                                              'notes.txt']
-    assert all_bytes(tmp_path / 'a')['stamp.json'] != a['stamp.json'] and len(plan) == 3
+    assert sorted(os.listdir(tmp_path / 'a' / 'unlabelled')) == ['u0000.mp4', 'u0001.mp4']
+    assert all_bytes(tmp_path / 'a')['stamp.json'] != a['stamp.json'] and len(plan) == 5
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (dict(min_minutes=0.5), 'too short'),
-    (dict(min_minutes=0.8, max_minutes=0.81), 'no whole number'),
+    (dict(min_segments=1), 'need 2 <= min <= max'),
+    (dict(min_segments=8, max_segments=7), 'need 2 <= min <= max'),
+    (dict(num_unlabelled=-1), '0 or more'),
     (dict(size='33x24'), 'even'),
     (dict(num_videos=2), 'at least 3'),
 ])

@@ -23,28 +23,39 @@ import time
 
 import pandas as pd
 
-from make_demo_data import TASKS  # tools/ is this script's folder
+import torch
+
+from make_demo_data import ORDER_TASKS, TASKS  # tools/ is this script's folder
+from models_lvmae import ARCH_KEYS, ENCODER_KEYS, LVMAE
+from util.checkpoint import checkpoint_args, load_checkpoint, save_checkpoint
 from util.embeddings import load_video_embeddings, read_metadata
 from util.fileio import atomic_write_text
+
+TASK_NAMES = list(TASKS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # generator, pretraining and probe settings of each size
     'small': dict(
-        data=['--num_videos', '150', '--min_minutes', '1', '--max_minutes', '2'],
-        pretrain=['--batch_size', '8', '--depth', '2', '--num_heads', '4', '--decoder_embed_dim', '64',
-                  '--decoder_depth', '2', '--decoder_num_heads', '4', '--num_patches', '32', '--mask_ratio', '.5',
-                  '--lr', '2e-3', '--warmup_epochs', '10', '--save_every', '20', '--eval_every', '10'],
-        epochs=100, probe=['--batch_size', '16', '--lr', '3e-3'], probe_epochs=100, seeds=[0, 1, 2]),
+        data=[],
+        pretrain=['--batch_size', '16', '--depth', '2', '--num_heads', '4', '--decoder_embed_dim', '64',
+                  '--decoder_depth', '1', '--decoder_num_heads', '4', '--num_patches', '32', '--mask_ratio', '.5',
+                  '--lr', '3e-3', '--warmup_epochs', '2', '--save_every', '60', '--eval_every', '10',
+                  '--input_scale', 'auto'],
+        epochs=60, probe=['--batch_size', '16', '--lr', '3e-3'], probe_epochs=60, seeds=[0, 1, 2]),
     'tiny': dict(
-        data=['--num_videos', '9', '--min_minutes', '0.5', '--max_minutes', '0.5', '--fps', '2', '--size', '32',
-              '--max_count', '1'],
+        data=['--num_videos', '9', '--num_unlabelled', '4', '--min_segments', '6', '--max_segments', '6',
+              '--size', '32'],
         pretrain=['--batch_size', '4', '--depth', '1', '--num_heads', '2', '--decoder_embed_dim', '32',
                   '--decoder_depth', '1', '--decoder_num_heads', '2', '--num_patches', '8', '--mask_ratio', '.5',
                   '--lr', '1e-3', '--warmup_epochs', '1', '--save_every', '1', '--eval_every', '1'],
         epochs=2, probe=['--batch_size', '4', '--lr', '3e-3'], probe_epochs=3, seeds=[0]),
 }
-PROBES = [('ap_raw', 'ap', True), ('lp_raw', 'lp', True), ('lp', 'lp', False), ('ap', 'ap', False)]
-COLUMNS = {'ap_raw': 'raw AP', 'lp_raw': 'raw LP', 'lp': 'LV-MAE LP', 'ap': 'LV-MAE AP'}
+# (name, probe, encoder): raw = the segment embeddings, untrained = the LV-MAE architecture freshly
+# initialised (no pretraining), pretrained = the pretraining run's last checkpoint
+PROBES = [('ap_raw', 'ap', 'raw'), ('lp_raw', 'lp', 'raw'), ('ap_untrained', 'ap', 'untrained'),
+          ('lp_untrained', 'lp', 'untrained'), ('lp', 'lp', 'pretrained'), ('ap', 'ap', 'pretrained')]
+COLUMNS = {'ap_raw': 'raw AP', 'lp_raw': 'raw LP', 'ap_untrained': 'untrained AP', 'lp_untrained': 'untrained LP',
+           'lp': 'LV-MAE LP', 'ap': 'LV-MAE AP'}
 RANDOM_NOTE = ('RANDOM encoder (randomly initialised LanguageBind): a pipeline check, not a result about '
                'real videos')
 
@@ -116,23 +127,37 @@ def probe_row(task, results, csv_dir):
 
 
 def results_table(summary):
-    """The final table (markdown)."""
+    """The final table (markdown): one row per method (chance first), one column per task."""
+    tasks = summary['tasks']
+    kind = lambda t: 'order' if t in ORDER_TASKS else 'pooling'
     lines = [f'### {summary["title"]}', '',
-             '| task | metric | chance | ' + ' | '.join(COLUMNS[n] for n, _, _ in PROBES) + ' |',
-             '|---' * (3 + len(PROBES)) + '|']
-    for task, row in summary['tasks'].items():
-        digits = 3 if row['metric'] == 'mse' else 1
-        cells = ['skipped' if row[n] is None else f'{row[n]:.{digits}f}'
-                 + (f' ± {row[n + "_std"]:.{digits}f}' if len(summary['seeds']) > 1 else '') for n, _, _ in PROBES]
-        metric = 'MSE (lower is better)' if row['metric'] == 'mse' else 'top-1 %'
-        lines.append(f'| {task} | {metric} | {row["chance"]:.{digits}f} | ' + ' | '.join(cells) + ' |')
-    lines += ['', f'Test score at the epoch with the best val score, mean ± std over {len(summary["seeds"])} seed(s); '
-              'chance: majority class on test (classification), train mean (regression); raw: the probe on the '
-              f'segment embeddings without LV-MAE. {summary["date"]}, this run {summary["wall_time_s"] / 60:.1f} min, '
-              f'size {summary["size"]}.']
+             '| method | ' + ' | '.join(f'{t} ({kind(t)})' for t in tasks) + ' |', '|---' * (1 + len(tasks)) + '|',
+             '| chance | ' + ' | '.join(f'{row["chance"]:.1f}' for row in tasks.values()) + ' |']
+    for n, _, _ in PROBES:
+        cells = ['skipped' if row[n] is None else f'{row[n]:.1f}'
+                 + (f' ± {row[n + "_std"]:.1f}' if len(summary['seeds']) > 1 else '') for row in tasks.values()]
+        lines.append(f'| {COLUMNS[n]} | ' + ' | '.join(cells) + ' |')
+    lines += ['', f'Test top-1 % at the epoch with the best val score, mean ± std over {len(summary["seeds"])} '
+              'seed(s); chance: majority class on test. raw: the probe on the segment embeddings (no LV-MAE); '
+              'untrained: the probe on the LV-MAE architecture freshly initialised (no pretraining); LV-MAE: on '
+              'the pretrained encoder. order tasks: only the order of scenes across the video decides the label '
+              '(a mean over segments cannot); pooling: the frequencies of scene kinds decide it. '
+              f'{summary["date"]}, this run {summary["wall_time_s"] / 60:.1f} min, size {summary["size"]}.']
     if summary['random_encoder']:
         lines.append(f'\n**{RANDOM_NOTE}.**')
     return '\n'.join(lines) + '\n'
+
+
+def untrained_checkpoint(checkpoint, path):
+    """Write ``path``: the architecture of ``checkpoint`` (its saved args), freshly initialised from its
+    seed, in checkpoint format: the probes on it measure what the architecture gives without pretraining."""
+    ckpt = load_checkpoint(checkpoint)
+    args = checkpoint_args(ckpt)
+    config = {k: args[k] for k in ARCH_KEYS + ENCODER_KEYS + ('norm_pix_loss', 'cos_loss') if k in args}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.get('seed', 0))
+        model = LVMAE(**config)
+    save_checkpoint(path, {'model': model.state_dict(), 'epoch': -1, 'args': dict(args, untrained=True)})
 
 
 def main(args):
@@ -142,7 +167,8 @@ def main(args):
     probe_epochs = args.probe_epochs or size['probe_epochs']
     seeds = args.seeds or size['seeds']
     out = args.out_dir
-    d = {k: os.path.join(out, k) for k in ('data', 'segments', 'embeddings', 'csv', 'pretrain', 'probes')}
+    d = {k: os.path.join(out, k) for k in ('data', 'segments', 'embeddings', 'segments_unlabelled',
+                                           'embeddings_unlabelled', 'csv', 'pretrain', 'untrained', 'probes')}
     random_encoder = not args.model_path
     encoder = ['--random_init', 'tiny'] if random_encoder else ['--model_path', args.model_path]
     if random_encoder:
@@ -153,25 +179,29 @@ def main(args):
         *size['data'])
     with open(os.path.join(d['data'], 'stamp.json')) as f:
         inputs = {'data': json.load(f), 'encoder': encoder}
-    for k in ('segments', 'embeddings', 'csv'):
+    for k in ('segments', 'embeddings', 'segments_unlabelled', 'embeddings_unlabelled', 'csv'):
         fresh(d[k], inputs)
 
-    segments_csv = os.path.join(d['segments'], 'segments_metadata.csv')
-    jobs = os.path.join(d['segments'], 'paired_paths.json')
-    run('step 1: segments', 'segment_video_library_movie_clip.py', '--video_dir', os.path.join(d['data'], 'videos'),
-        '--out_dir', d['segments'])
-    run('step 2: job file', 'prepare_paired_paths.py', '--segments_csv', segments_csv,
-        '--embedding_dir', d['embeddings'])
-    if random_encoder:
-        banner(RANDOM_NOTE)
-    run('step 3: segment embeddings', 'langbind_preprocessing.py', '--video_path_file', jobs, *encoder)
+    for which, videos, suffix in (('labelled', 'videos', ''), ('unlabelled', 'unlabelled', '_unlabelled')):
+        segments_csv = os.path.join(d['segments' + suffix], 'segments_metadata.csv')
+        jobs = os.path.join(d['segments' + suffix], 'paired_paths.json')
+        run(f'step 1: segments ({which} videos)', 'segment_video_library_movie_clip.py',
+            '--video_dir', os.path.join(d['data'], videos), '--out_dir', d['segments' + suffix])
+        run(f'step 2: job file ({which} videos)', 'prepare_paired_paths.py', '--segments_csv', segments_csv,
+            '--embedding_dir', d['embeddings' + suffix])
+        if random_encoder:
+            banner(RANDOM_NOTE)
+        run(f'step 3: segment embeddings ({which} videos)', 'langbind_preprocessing.py', '--video_path_file', jobs,
+            *encoder)
     run('step 4: task CSVs', 'segment_dataframe_movie_clip.py', '--dataset', 'lvu',
         '--annotation_dir', os.path.join(d['data'], 'lvu_1.0'), '--embedding_dir', d['embeddings'],
         '--out_dir', d['csv'])
+    # pretraining: the unlabelled videos; its validation loss on the labelled val videos (labels unused)
     pretrain_csv = {s: os.path.join(d['csv'], f'pretrain_{s}.csv') for s in ('train', 'val')}
-    for s, csv in pretrain_csv.items():  # pretraining sees the training videos only (no labels)
-        run(f'step 5: pretraining CSV ({s} videos)', 'segment_dataframe_movie_clip.py',
-            '--combine', os.path.join(d['csv'], 'mix', f'{s}.csv'), '--out_csv', csv)
+    run('step 5: pretraining CSV (unlabelled videos)', 'segment_dataframe_movie_clip.py', '--dataset', 'pretrain',
+        '--embedding_dir', d['embeddings_unlabelled'], '--out_csv', pretrain_csv['train'])
+    run('step 5: pretraining validation CSV (val videos, labels dropped)', 'segment_dataframe_movie_clip.py',
+        '--combine', os.path.join(d['csv'], TASK_NAMES[0], 'val.csv'), '--out_csv', pretrain_csv['val'])
 
     first = pd.read_csv(pretrain_csv['train'])['embedding_path'][0]
     input_size = load_video_embeddings(first).shape[1]
@@ -186,28 +216,39 @@ def main(args):
         run('pretraining', 'main_pretrain.py', *pretrain_args, '--data_path', pretrain_csv['train'],
             '--val_data_path', pretrain_csv['val'], '--output_dir', d['pretrain'],
             '--log_dir', os.path.join(d['pretrain'], 'tensorboard'), '--num_workers', 0)
+    fresh(d['untrained'], inputs)
+    untrained = os.path.join(d['untrained'], 'checkpoint-untrained.pth')
+    if not is_newer(untrained, [checkpoint]):
+        print(f'\n=== untrained control: {untrained} = the architecture of {checkpoint}, freshly initialised '
+              f'(no pretraining)', flush=True)
+        untrained_checkpoint(checkpoint, untrained)
 
-    tasks = list(TASKS)
+    tasks = TASK_NAMES
     probe_args = ['--task', *tasks, '--data_path', d['csv'], *size['probe'], '--epochs', probe_epochs,
                   '--seeds', *seeds, *device]
     fresh(d['probes'], dict(inputs, probe=list(map(str, probe_args))))
     stores = glob.glob(os.path.join(glob.escape(d['embeddings']), '*.safetensors'))  # step 4 rewrites the CSVs
+    sources = {'raw': ['--baseline', 'raw'], 'untrained': ['--resume', untrained],
+               'pretrained': ['--resume', checkpoint]}
     results = {}
-    for name, probe, raw in PROBES:
+    for name, probe, source in PROBES:
         folder = os.path.join(d['probes'], name)
         result = os.path.join(folder, 'results.json')
-        if is_newer(result, stores + ([] if raw else [checkpoint])):
+        if is_newer(result, stores + {'raw': [], 'untrained': [untrained], 'pretrained': [checkpoint]}[source]):
             print(f'\n=== probe {name}: {result} is newer than its inputs, skipped')
         else:
-            extra = ['--baseline', 'raw'] if raw else ['--resume', checkpoint]
-            run(f'probe: {COLUMNS[name]}', f'test_{probe}_movie_clip.py', *probe_args, *extra, '--output_dir', folder)
+            run(f'probe: {COLUMNS[name]}', f'test_{probe}_movie_clip.py', *probe_args, *sources[source],
+                '--output_dir', folder)
         with open(result) as f:
             results[name] = json.load(f)['tasks']
 
     artefacts = {
-        'segments': segments_csv, 'job_file': jobs, 'embeddings': d['embeddings'],
+        'segments': os.path.join(d['segments'], 'segments_metadata.csv'), 'embeddings': d['embeddings'],
+        'embeddings_unlabelled': d['embeddings_unlabelled'],
         'task_csvs': [os.path.join(d['csv'], t) for t in tasks], 'pretrain_csv': pretrain_csv['train'],
-        'checkpoint': checkpoint, 'tensorboard': os.path.join(d['pretrain'], 'tensorboard'),
+        'checkpoint': checkpoint, 'untrained_checkpoint': untrained,
+        'pretrain_log': os.path.join(d['pretrain'], 'log.txt'),
+        'tensorboard': os.path.join(d['pretrain'], 'tensorboard'),
         'probe_results': [os.path.join(d['probes'], n, 'results.json') for n, _, _ in PROBES]}
     summary = {'title': 'LV-MAE demo results' + (f' ({RANDOM_NOTE})' if random_encoder else ''),
                'random_encoder': random_encoder, 'encoder': ' '.join(encoder), 'size': args.size, 'seeds': seeds,

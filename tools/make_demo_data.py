@@ -1,24 +1,25 @@
-"""Generate the demo's long-video benchmark: real video files built from a few visually distinct
-scene kinds, with labels for three tasks in LVU's split-file format (so that step 4 reads them as LVU).
+"""Generate the demo's long-video benchmark: real video files built from six visually distinct scene
+kinds, many unlabelled videos for pretraining and fewer labelled ones in LVU's split-file format (so that
+step 4 reads them as LVU), with two tasks that only the ORDER of scenes across the video decides and one
+that the scene frequencies decide.
 
-    python tools/make_demo_data.py --out_dir demo_out/data [--num_videos 150] [--min_minutes 1]
-        [--max_minutes 2] [--fps 4] [--size 64] [--max_count 4] [--seed 0]
+    python tools/make_demo_data.py --out_dir demo_out/data [--num_videos 150] [--num_unlabelled 450]
+        [--min_segments 8] [--max_segments 12] [--fps 2] [--size 32] [--seed 0]
 
-Writes ``videos/demo<i>.mp4``, ``lvu_1.0/{mix,order,view_count}/{train,val,test}.csv``, ``README.txt`` and
-``stamp.json`` under --out_dir. A rerun with the same arguments reuses the files. Same seed, same bytes:
-the videos are MPEG-4 Part 2 from FFmpeg's own encoder, one thread (libx264 in PyAV's wheel gave different
-bytes for identical frames in some runs, even with one thread).
+Writes ``videos/demo<i>.mp4`` (labelled, split 60/20/20 into train/val/test), ``unlabelled/u<i>.mp4``,
+``lvu_1.0/{plot,direction,tint}/{train,val,test}.csv``, ``README.txt`` and ``stamp.json`` under
+--out_dir. A rerun with the same arguments reuses the files. Same seed, same bytes: the videos are
+MPEG-4 Part 2 from FFmpeg's own encoder, one thread.
 
-Every scene lasts a whole number of 5-second segments, so each segment shows a single kind.
-- mix (3 classes): which of the kinds flat / hstripes / disc fills more than half of the time not taken by
-  the order and count kinds.
-- order (2 classes): vstripes and checker each appear once, for the same number of segments, one in the
-  first third of the video and the other in the last third; label 1 if vstripes comes first. A mean over
-  segments cannot tell the classes apart.
-- view_count (a count, as a regression in LVU's view_count format, under that name so that step 4 reads
-  it as LVU's): c segments of the kind 'diagonal' (c uniform in 0..max_count);
-  view_count = round(exp(VIEW_COUNT_OFFSET + c - max_count / 2)), so step 4's target
-  ln(view_count) - VIEW_COUNT_OFFSET equals c - max_count / 2 (to within 1e-4).
+Every video follows a "plot": a cyclic order of the six kinds (PLOTS, three of them), traversed forwards
+or backwards from a random kind; each scene lasts a whole number of 5-second segments (2 or 3), so each
+segment shows a single kind; every frame of a video carries its tint (a colour shift).
+- plot (3 classes): which cyclic order the video follows. Every plot visits every kind equally often:
+  the frequencies of kinds, hence a mean over segments, say nothing about it.
+- direction (2 classes): forwards or backwards along its cycle. Same frequencies both ways.
+- tint (3 classes): warm, neutral or cool colour shift of the whole video; every segment shows it, so
+  pooling suffices (a sanity check).
+Labels are independent and balanced in every split. Unlabelled videos are drawn the same way.
 """
 import argparse
 import json
@@ -30,39 +31,39 @@ import numpy as np
 
 from util.fileio import atomic_write, atomic_write_text
 from util.synthetic import write_video
-from util.tasks import VIEW_COUNT_OFFSET
 
 SEGMENT_SEC = 5
-MIX_KINDS = ('flat', 'hstripes', 'disc')
-ORDER_KINDS = ('vstripes', 'checker')        # A, B
-COUNT_KIND = 'diagonal'
-KINDS = MIX_KINDS + ORDER_KINDS + (COUNT_KIND,)
-COLORS = {  # two base colours per kind (RGB)
+KINDS = ('flat', 'hstripes', 'vstripes', 'checker', 'disc', 'diagonal')
+# three cyclic orders of the six kinds; the six (plot, direction) cycles are all different (tested)
+PLOTS = ((0, 1, 2, 3, 4, 5), (0, 2, 4, 1, 5, 3), (0, 3, 1, 4, 2, 5))
+TINTS = ((12, 0, -12), (0, 0, 0), (-12, 0, 12))  # RGB shift of every frame: warm, neutral, cool
+COLORS = {  # two base colours per kind (RGB), far apart between kinds
     'flat': ((230, 140, 40), (230, 140, 40)),
     'hstripes': ((40, 180, 60), (10, 30, 10)),
-    'disc': ((245, 245, 245), (20, 30, 90)),
     'vstripes': ((220, 30, 30), (240, 240, 240)),
     'checker': ((230, 210, 40), (110, 40, 150)),
+    'disc': ((245, 245, 245), (20, 30, 90)),
     'diagonal': ((40, 200, 220), (0, 0, 0)),
 }
-TASKS = {  # name -> class names (None: regression in view_count format)
-    'mix': [f'{k}_dominant' for k in MIX_KINDS],
-    'order': [f'{ORDER_KINDS[1]}_first', f'{ORDER_KINDS[0]}_first'],
-    'view_count': None,
+TASKS = {  # name -> class names
+    'plot': [f'plot{i}' for i in range(len(PLOTS))],
+    'direction': ['forwards', 'backwards'],
+    'tint': ['warm', 'neutral', 'cool'],
 }
+ORDER_TASKS = ('plot', 'direction')
 SPLITS = ('train', 'val', 'test')
-VIDEO_RE = re.compile(r'^\.?demo\d+\.mp4(\..*\.tmp)?$')  # our videos and their leftover temporary files
+VIDEO_RE = re.compile(r'^\.?(demo|u)\d+\.mp4(\..*\.tmp)?$')  # our videos and their leftover temporary files
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Generate the demo long-video benchmark', add_help=False)
-    parser.add_argument('--out_dir', default='demo_out/data', help='where videos/, lvu_1.0/ and README.txt go')
-    parser.add_argument('--num_videos', default=150, type=int, help='split 60/20/20 into train/val/test')
-    parser.add_argument('--min_minutes', default=1.0, type=float)
-    parser.add_argument('--max_minutes', default=2.0, type=float)
-    parser.add_argument('--fps', default=4, type=int)
-    parser.add_argument('--size', default='64', help='frame size: W (square) or WxH, even numbers')
-    parser.add_argument('--max_count', default=4, type=int, help='view_count task: 0..max_count diagonal segments')
+    parser.add_argument('--out_dir', default='demo_out/data', help='where videos/, unlabelled/, lvu_1.0/ go')
+    parser.add_argument('--num_videos', default=150, type=int, help='labelled videos, split 60/20/20')
+    parser.add_argument('--num_unlabelled', default=450, type=int, help='unlabelled videos (pretraining)')
+    parser.add_argument('--min_segments', default=8, type=int, help='shortest video, in 5-second segments')
+    parser.add_argument('--max_segments', default=12, type=int, help='longest video, in 5-second segments')
+    parser.add_argument('--fps', default=2, type=int)
+    parser.add_argument('--size', default='32', help='frame size: W (square) or WxH, even numbers')
     parser.add_argument('--seed', default=0, type=int)
     return parser
 
@@ -83,70 +84,48 @@ def split_sizes(n):
     return n - n_val - n_test, n_val, n_test
 
 
-def order_block(n):
-    """Segments of each order kind in a video of ``n`` segments."""
-    return max(1, n // 6)
+def layout(n, plot, direction, rng):
+    """Kind of each of the ``n`` segments of one video: its plot's cycle, forwards or backwards, from a
+    random kind; scenes of 2 or 3 segments."""
+    cycle = [KINDS[k] for k in PLOTS[plot]]
+    if direction:
+        cycle = cycle[::-1]
+    k = int(rng.integers(len(cycle)))
+    kinds = []
+    while len(kinds) < n:
+        kinds += [cycle[k % len(cycle)]] * int(rng.integers(2, 4))
+        k += 1
+    return kinds[:n]
 
 
-def segment_range(min_minutes, max_minutes, max_count):
-    lo = math.ceil(min_minutes * 60 / SEGMENT_SEC)
-    hi = math.floor(max_minutes * 60 / SEGMENT_SEC)
-    if lo > hi:
-        raise ValueError(f'no whole number of {SEGMENT_SEC}-second segments between --min_minutes '
-                         f'{min_minutes} and --max_minutes {max_minutes}')
-    if lo - 2 * order_block(lo) - max_count < 3:
-        raise ValueError(f'--min_minutes {min_minutes} is too short for --max_count {max_count}: a video of '
-                         f'{lo} segments needs 2*{order_block(lo)} order + {max_count} count + 3 mix segments')
-    return lo, hi
-
-
-def layout(n, mix, order, count, rng):
-    """Kind of each of the ``n`` segments of one video."""
-    kinds = [None] * n
-    m, third = order_block(n), n // 3
-    s1 = int(rng.integers(0, third - m + 1))            # first order block: inside the first third
-    s2 = int(rng.integers(n - third, n - m + 1))         # second one: inside the last third
-    first, second = (ORDER_KINDS[0], ORDER_KINDS[1]) if order == 1 else (ORDER_KINDS[1], ORDER_KINDS[0])
-    kinds[s1:s1 + m], kinds[s2:s2 + m] = [first] * m, [second] * m
-    free = [i for i in range(n) if kinds[i] is None]
-    for i in rng.choice(free, size=count, replace=False):
-        kinds[i] = COUNT_KIND
-    free = [i for i in range(n) if kinds[i] is None]
-    r = len(free)
-    n_dom = int(rng.integers(r // 2 + 1, max(r // 2 + 1, round(0.75 * r)) + 1))  # strictly more than half
-    n_other = int(rng.integers(0, r - n_dom + 1))
-    others = [k for k in MIX_KINDS if k != MIX_KINDS[mix]]
-    runs = []  # scenes of 1 to 3 segments, shuffled
-    for kind, total in ((MIX_KINDS[mix], n_dom), (others[0], n_other), (others[1], r - n_dom - n_other)):
-        while total > 0:
-            length = min(total, int(rng.integers(1, 4)))
-            runs.append([kind] * length)
-            total -= length
-    filler = [runs[i] for i in rng.permutation(len(runs))]
-    for i, kind in zip(free, sum(filler, [])):
-        kinds[i] = kind
-    return kinds
-
-
-def make_plan(num_videos, min_minutes, max_minutes, max_count, seed):
+def make_plan(num_videos, num_unlabelled, min_segments, max_segments, seed):
     """Videos, splits, labels and segment kinds, all from ``seed`` (no video is written here)."""
-    lo, hi = segment_range(min_minutes, max_minutes, max_count)
+    if not 2 <= min_segments <= max_segments:
+        raise ValueError(f'--min_segments {min_segments} / --max_segments {max_segments}: need 2 <= min <= max')
     rng = np.random.default_rng(seed)
     perm = rng.permutation(num_videos)
     n_train, n_val, _ = split_sizes(num_videos)
     plan = []
-    for k, i in enumerate(perm):  # labels cycle within the shuffled list: balanced in every split
+    for k, i in enumerate(perm):  # labels cycle within the shuffled list: balanced splits
         split = 'train' if k < n_train else 'val' if k < n_train + n_val else 'test'
-        vrng = np.random.default_rng([seed, int(i)])
-        n = int(vrng.integers(lo, hi + 1))
-        mix, order, count = k % len(MIX_KINDS), k % 2, int(vrng.integers(0, max_count + 1))
-        plan.append({
-            'video_id': f'demo{i:04d}', 'imdb_id': f'tt{i + 1:07d}', 'index': int(i), 'split': split,
-            'duration': n * SEGMENT_SEC, 'mix': mix, 'order': order, 'count': count,
-            'view_count': int(round(math.exp(VIEW_COUNT_OFFSET + count - max_count / 2))),
-            'segments': layout(n, mix, order, count, vrng),
-        })
-    return sorted(plan, key=lambda v: v['index'])
+        plan.append(video_plan(f'demo{i:04d}', int(i), split, k, min_segments, max_segments, seed))
+    plan.sort(key=lambda v: v['index'])
+    for i in range(num_unlabelled):
+        plan.append(video_plan(f'u{i:04d}', num_videos + i, 'unlabelled', i, min_segments, max_segments,
+                               seed))
+    return plan
+
+
+def video_plan(video_id, index, split, combo, min_segments, max_segments, seed):
+    vrng = np.random.default_rng([seed, index])
+    n = int(vrng.integers(min_segments, max_segments + 1))
+    # every prefix of the sequence 0, 1, 2, ... is nearly balanced for each task, and every 18 in a row
+    # hold each (plot, direction, tint) combination once
+    plot, direction = combo % len(PLOTS), combo % 2
+    tint = (combo // (2 * len(PLOTS)) + plot) % len(TINTS)
+    return {'video_id': video_id, 'imdb_id': f'tt{index + 1:07d}', 'index': index, 'split': split,
+            'duration': n * SEGMENT_SEC, 'plot': plot, 'direction': direction, 'tint': tint,
+            'segments': layout(n, plot, direction, vrng)}
 
 
 def scenes(segments):
@@ -196,47 +175,49 @@ def render_video(video, fps, size, seed):
     """Frames of one planned video, scene after scene."""
     rng = np.random.default_rng([seed, video['index'], 1])
     per_segment = SEGMENT_SEC * fps
+    tint = np.array(TINTS[video['tint']], dtype=np.int16)
     for kind, _, n in scenes(video['segments']):
-        yield from render_scene(kind, n * per_segment, size, rng)
+        for frame in render_scene(kind, n * per_segment, size, rng):
+            yield np.clip(frame + tint, 0, 255).astype(np.uint8)
 
 
 def annotation_lines(task, videos):
-    if TASKS[task] is None:
-        return ['view_count youtube_id imdb_id'] + [
-            f"{v['view_count']} {v['video_id']} {v['imdb_id']}" for v in videos]
     return ['class_id class_name youtube_id imdb_id'] + [
         f"{v[task]} {TASKS[task][v[task]]} {v['video_id']} {v['imdb_id']}" for v in videos]
 
 
 def readme_text(args, plan):
     w, h = parse_size(args.size)
-    counts = {s: sum(v['split'] == s for v in plan) for s in SPLITS}
+    counts = {s: sum(v['split'] == s for v in plan) for s in SPLITS + ('unlabelled',)}
+    cycles = '; '.join(f'plot{i}: ' + ' > '.join(KINDS[k] for k in p) for i, p in enumerate(PLOTS))
     return f"""Demo long-video benchmark written by tools/make_demo_data.py ({json.dumps(stamp_args(args))}).
 
-{len(plan)} videos in videos/ (train/val/test: {counts['train']}/{counts['val']}/{counts['test']}), \
-{args.min_minutes} to {args.max_minutes} minutes each, {w}x{h} pixels at {args.fps} fps, MPEG-4 in .mp4.
+{counts['unlabelled']} unlabelled videos in unlabelled/ (for pretraining) and {args.num_videos} labelled videos in
+videos/ (train/val/test: {counts['train']}/{counts['val']}/{counts['test']}), {args.min_segments} to \
+{args.max_segments} segments of {SEGMENT_SEC} s each, {w}x{h} pixels at {args.fps} fps, MPEG-4 in .mp4.
 Each video is a sequence of scenes, each a whole number of {SEGMENT_SEC}-second segments, so every segment
-shows one scene kind: {', '.join(KINDS)}.
+shows one scene kind: {', '.join(KINDS)}. A video follows the cyclic order of one plot
+({cycles}), forwards or backwards, from a random kind; scenes last 2 or 3 segments. Every frame of a video is shifted by its tint (RGB).
 Labels are in LVU's split-file format (space-separated, one header line) in lvu_1.0/<task>/<split>.csv:
-- mix: class_id = which of {', '.join(MIX_KINDS)} fills more than half of the segments not taken by
-  {', '.join(ORDER_KINDS)} or {COUNT_KIND} (classes {', '.join(TASKS['mix'])}; chance 1/3).
-- order: {ORDER_KINDS[0]} and {ORDER_KINDS[1]} each appear once, for the same number of segments
-  (max(1, N // 6) of the video's N), one in the first third and the other in the last third;
-  class 1 ({TASKS['order'][1]}) if {ORDER_KINDS[0]} comes first, else 0 (chance 1/2).
-- view_count: a count, as a regression in LVU's view_count format; the video has c segments of {COUNT_KIND}
-  (c uniform in 0..{args.max_count}) and view_count = round(exp({VIEW_COUNT_OFFSET} + c - {args.max_count}/2)),
-  so ln(view_count) - {VIEW_COUNT_OFFSET} = c - {args.max_count / 2:g}.
-Labels of mix and order are balanced in every split. The imdb ids are fake.
+- plot: which cyclic order (chance 1/3). Every kind appears equally often in every plot: only order tells.
+- direction: forwards (0) or backwards (1) along the cycle (chance 1/2). Only order tells.
+- tint: the colour shift of the whole video, warm {TINTS[0]}, neutral or cool {TINTS[2]} (chance 1/3);
+  every segment shows it: pooling suffices.
+Labels are independent and balanced in every split. The imdb ids are fake.
 """
 
 
 def stamp_args(args):
-    return {k: getattr(args, k) for k in ('num_videos', 'min_minutes', 'max_minutes', 'fps', 'size',
-                                          'max_count', 'seed')}
+    return {k: getattr(args, k) for k in ('num_videos', 'num_unlabelled', 'min_segments', 'max_segments', 'fps',
+                                          'size', 'seed')}
+
+
+def video_path(out_dir, v):
+    return os.path.join(out_dir, 'unlabelled' if v['split'] == 'unlabelled' else 'videos', v['video_id'] + '.mp4')
 
 
 def expected_files(out_dir, plan):
-    files = [os.path.join(out_dir, 'videos', v['video_id'] + '.mp4') for v in plan]
+    files = [video_path(out_dir, v) for v in plan]
     files += [os.path.join(out_dir, 'lvu_1.0', t, s + '.csv') for t in TASKS for s in SPLITS]
     return files + [os.path.join(out_dir, 'README.txt')]
 
@@ -245,8 +226,10 @@ def generate(args):
     """Write the benchmark under ``args.out_dir`` (or reuse it) and return the plan."""
     if args.fps < 1:
         raise ValueError(f'--fps {args.fps}: must be a positive integer')
+    if args.num_unlabelled < 0:
+        raise ValueError(f'--num_unlabelled {args.num_unlabelled}: must be 0 or more')
     size = parse_size(args.size)
-    plan = make_plan(args.num_videos, args.min_minutes, args.max_minutes, args.max_count, args.seed)
+    plan = make_plan(args.num_videos, args.num_unlabelled, args.min_segments, args.max_segments, args.seed)
     stamp = os.path.join(args.out_dir, 'stamp.json')
     stamp_text = json.dumps({'generator': 'tools/make_demo_data.py', 'args': stamp_args(args)}, sort_keys=True)
     if os.path.isfile(stamp):
@@ -256,24 +239,27 @@ def generate(args):
             print(f'{args.out_dir}: demo data already generated with these arguments, reused')
             return plan
         os.remove(stamp)  # a run killed from here on is not taken for a finished one
-    video_dir = os.path.join(args.out_dir, 'videos')
-    os.makedirs(video_dir, exist_ok=True)
-    keep = {v['video_id'] + '.mp4' for v in plan}
-    for name in os.listdir(video_dir):  # videos of an earlier run with other arguments
-        if VIDEO_RE.match(name) and name not in keep:
-            os.remove(os.path.join(video_dir, name))
+    keep = {video_path(args.out_dir, v) for v in plan}
+    for folder in ('videos', 'unlabelled'):
+        os.makedirs(os.path.join(args.out_dir, folder), exist_ok=True)
+        for name in os.listdir(os.path.join(args.out_dir, folder)):  # videos of an earlier run with other arguments
+            path = os.path.join(args.out_dir, folder, name)
+            if VIDEO_RE.match(name) and path not in keep:
+                os.remove(path)
     for v in plan:
-        path = os.path.join(video_dir, v['video_id'] + '.mp4')
-        atomic_write(path, lambda tmp: write_video(tmp, render_video(v, args.fps, size, args.seed), fps=args.fps,
-                                                   codec='mpeg4', options={'threads': '1'}, format='mp4'))
+        atomic_write(video_path(args.out_dir, v),
+                     lambda tmp: write_video(tmp, render_video(v, args.fps, size, args.seed), fps=args.fps,
+                                             codec='mpeg4', options={'threads': '1'}, format='mp4'))
     for task in TASKS:
         for split in SPLITS:
             videos = [v for v in plan if v['split'] == split]
             atomic_write_text(os.path.join(args.out_dir, 'lvu_1.0', task, split + '.csv'),
-                       '\n'.join(annotation_lines(task, videos)) + '\n')
+                              '\n'.join(annotation_lines(task, videos)) + '\n')
     atomic_write_text(os.path.join(args.out_dir, 'README.txt'), readme_text(args, plan))
     atomic_write_text(stamp, stamp_text)
-    print(f'{args.out_dir}: wrote {len(plan)} videos and the tasks {", ".join(TASKS)} (see README.txt)')
+    n_lab = sum(v['split'] != 'unlabelled' for v in plan)
+    print(f'{args.out_dir}: wrote {n_lab} labelled videos (tasks {", ".join(TASKS)}) and '
+          f'{len(plan) - n_lab} unlabelled ones (see README.txt)')
     return plan
 
 
