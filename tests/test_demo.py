@@ -20,7 +20,7 @@ PROBES = ['ap_raw', 'lp_raw', 'ap_untrained', 'lp_untrained', 'lp', 'ap']
 def run_demo(out):
     env = dict(os.environ)
     env.pop('LANGBIND_PATH', None)
-    p = subprocess.run([sys.executable, 'tools/demo.py', '--out_dir', str(out), '--size', 'tiny'], cwd=ROOT,
+    p = subprocess.run([sys.executable, 'tools/demo.py', '--output_dir', str(out), '--size', 'tiny'], cwd=ROOT,
                        env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
@@ -31,14 +31,14 @@ def test_demo_tiny_chain(tmp_path):
     out = tmp_path / 'demo'
     log = run_demo(out)
     # the README's commands, as a user types them, and the random-encoder warning
-    for cmd in ('python tools/make_demo_data.py --out_dir', 'python segment_video_library_movie_clip.py --video_dir',
+    for cmd in ('python tools/make_demo_data.py --output_dir', 'python segment_video_library_movie_clip.py --video_dir',
                 'python prepare_paired_paths.py --segments_csv', 'python langbind_preprocessing.py --video_path_file',
                 'python segment_dataframe_movie_clip.py --dataset lvu', 'python main_pretrain.py --input_size 64',
                 'python test_ap_movie_clip.py --task plot direction tint', 'python test_lp_movie_clip.py'):
         assert '$ ' + cmd in log, cmd
     commands = [line for line in log.splitlines() if line.startswith('$ python test_')]
     assert len(commands) == 6 and sum('--baseline raw' in c for c in commands) == 2
-    assert sum('untrained/checkpoint-untrained.pth' in c for c in commands) == 2
+    assert sum('--baseline random_init --resume' in c for c in commands) == 2
     assert 'python segment_dataframe_movie_clip.py --dataset pretrain --embedding_dir' in log
     assert log.count('RANDOM encoder') >= 3
 
@@ -61,11 +61,11 @@ def test_demo_tiny_chain(tmp_path):
     assert sorted(pd.read_csv(out / 'csv/pretrain_train.csv')['video_id']) == unlabelled
     checkpoint = out / 'pretrain/checkpoint-1.pth'
     assert os.path.isfile(checkpoint)
-    # the untrained control: the pretrained checkpoint's architecture, other weights
-    from util.checkpoint import load_checkpoint
-    pre, unt = load_checkpoint(checkpoint), load_checkpoint(out / 'untrained/checkpoint-untrained.pth')
-    assert {k: v.shape for k, v in pre['model'].items()} == {k: v.shape for k, v in unt['model'].items()}
-    assert not all((pre['model'][k] == unt['model'][k]).all() for k in pre['model'])
+    # the untrained control is labelled as such; the reconstruction picture is a PNG
+    with open(out / 'probes/ap_untrained/results.json') as f:
+        assert json.load(f)['baseline'] == 'random_init'
+    with open(out / 'reconstruction.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     assert glob.glob(str(out / 'pretrain/tensorboard/events.out.tfevents.*'))
     for name in PROBES:
         with open(out / 'probes' / name / 'results.json') as f:
@@ -90,6 +90,7 @@ def test_demo_tiny_chain(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith('| ') and not line.startswith('| method')]
     assert [r.split(' | ')[0][2:] for r in rows] == ['chance'] + [demo.COLUMNS[n] for n in PROBES]
     assert all(r.count('|') == 5 for r in rows)
+    assert summary['artefacts']['reconstruction_picture'] == str(out / 'reconstruction.png')
     for path in summary['artefacts']['probe_results'] + [summary['artefacts']['checkpoint']]:
         assert os.path.isfile(path)
 
@@ -99,6 +100,7 @@ def test_demo_tiny_chain(tmp_path):
     assert 'already generated with these arguments, reused' in log
     assert 'pretraining: ' in log and log.count('is newer than its inputs, skipped') == len(PROBES)
     assert 'main_pretrain.py' not in log and 'test_ap_movie_clip.py' not in log
+    assert 'visualize_reconstruction.py' not in log
     assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
     with open(out / 'demo_results.json') as f:
         assert json.load(f)['tasks'] == summary['tasks']

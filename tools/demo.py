@@ -1,6 +1,6 @@
 """`make demo`: the numbered data steps, pretraining and both probes on a generated long-video benchmark.
 
-    python tools/demo.py [--out_dir demo_out] [--size small|tiny] [--model_path DIR] [--seeds 0 1 2]
+    python tools/demo.py [--output_dir demo_out] [--size small|tiny] [--model_path DIR] [--seeds 0 1 2]
 
 Every command is printed as a user would type it, then run with this Python. Steps 2 and 3 skip finished
 videos, pretraining resumes (and is skipped once its last checkpoint exists), a probe is skipped when its
@@ -23,12 +23,9 @@ import time
 
 import pandas as pd
 
-import torch
 
 from make_demo_data import ORDER_TASKS, TASKS  # tools/ is this script's folder
-from models_lvmae import ARCH_KEYS, ENCODER_KEYS, LVMAE
-from util.checkpoint import checkpoint_args, load_checkpoint, save_checkpoint
-from util.embeddings import load_video_embeddings, read_metadata
+from util.embeddings import load_video_embeddings, read_csv, read_metadata
 from util.fileio import atomic_write_text
 
 TASK_NAMES = list(TASKS)
@@ -62,7 +59,8 @@ RANDOM_NOTE = ('RANDOM encoder (randomly initialised LanguageBind): a pipeline c
 
 def get_args_parser():
     p = argparse.ArgumentParser('LV-MAE demo on a generated long-video benchmark')
-    p.add_argument('--out_dir', default='demo_out', help='everything the demo writes goes here')
+    p.add_argument('--output_dir', '--out_dir', dest='out_dir', default='demo_out',
+                   help='everything the demo writes goes here')
     p.add_argument('--size', default='small', choices=sorted(SIZES), help='tiny: the smallest chain (tests)')
     p.add_argument('--model_path', default=os.environ.get('LANGBIND_PATH'),
                    help='local LanguageBind video checkpoint (default: $LANGBIND_PATH); '
@@ -148,18 +146,6 @@ def results_table(summary):
     return '\n'.join(lines) + '\n'
 
 
-def untrained_checkpoint(checkpoint, path):
-    """Write ``path``: the architecture of ``checkpoint`` (its saved args), freshly initialised from its
-    seed, in checkpoint format: the probes on it measure what the architecture gives without pretraining."""
-    ckpt = load_checkpoint(checkpoint)
-    args = checkpoint_args(ckpt)
-    config = {k: args[k] for k in ARCH_KEYS + ENCODER_KEYS + ('norm_pix_loss', 'cos_loss') if k in args}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.get('seed', 0))
-        model = LVMAE(**config)
-    save_checkpoint(path, {'model': model.state_dict(), 'epoch': -1, 'args': dict(args, untrained=True)})
-
-
 def main(args):
     start = time.time()
     size = SIZES[args.size]
@@ -168,14 +154,14 @@ def main(args):
     seeds = args.seeds or size['seeds']
     out = args.out_dir
     d = {k: os.path.join(out, k) for k in ('data', 'segments', 'embeddings', 'segments_unlabelled',
-                                           'embeddings_unlabelled', 'csv', 'pretrain', 'untrained', 'probes')}
+                                           'embeddings_unlabelled', 'csv', 'pretrain', 'probes')}
     random_encoder = not args.model_path
     encoder = ['--random_init', 'tiny'] if random_encoder else ['--model_path', args.model_path]
     if random_encoder:
         banner(f'No LanguageBind weights given (--model_path or LANGBIND_PATH): {RANDOM_NOTE}')
     device = ['--device', args.device] if args.device else []
 
-    run('generate the benchmark (tools/make_demo_data.py)', 'tools/make_demo_data.py', '--out_dir', d['data'],
+    run('generate the benchmark (tools/make_demo_data.py)', 'tools/make_demo_data.py', '--output_dir', d['data'],
         *size['data'])
     with open(os.path.join(d['data'], 'stamp.json')) as f:
         inputs = {'data': json.load(f), 'encoder': encoder}
@@ -186,7 +172,7 @@ def main(args):
         segments_csv = os.path.join(d['segments' + suffix], 'segments_metadata.csv')
         jobs = os.path.join(d['segments' + suffix], 'paired_paths.json')
         run(f'step 1: segments ({which} videos)', 'segment_video_library_movie_clip.py',
-            '--video_dir', os.path.join(d['data'], videos), '--out_dir', d['segments' + suffix])
+            '--video_dir', os.path.join(d['data'], videos), '--output_dir', d['segments' + suffix])
         run(f'step 2: job file ({which} videos)', 'prepare_paired_paths.py', '--segments_csv', segments_csv,
             '--embedding_dir', d['embeddings' + suffix])
         if random_encoder:
@@ -195,7 +181,7 @@ def main(args):
             *encoder)
     run('step 4: task CSVs', 'segment_dataframe_movie_clip.py', '--dataset', 'lvu',
         '--annotation_dir', os.path.join(d['data'], 'lvu_1.0'), '--embedding_dir', d['embeddings'],
-        '--out_dir', d['csv'])
+        '--output_dir', d['csv'])
     # pretraining: the unlabelled videos; its validation loss on the labelled val videos (labels unused)
     pretrain_csv = {s: os.path.join(d['csv'], f'pretrain_{s}.csv') for s in ('train', 'val')}
     run('step 5: pretraining CSV (unlabelled videos)', 'segment_dataframe_movie_clip.py', '--dataset', 'pretrain',
@@ -216,25 +202,24 @@ def main(args):
         run('pretraining', 'main_pretrain.py', *pretrain_args, '--data_path', pretrain_csv['train'],
             '--val_data_path', pretrain_csv['val'], '--output_dir', d['pretrain'],
             '--log_dir', os.path.join(d['pretrain'], 'tensorboard'), '--num_workers', 0)
-    fresh(d['untrained'], inputs)
-    untrained = os.path.join(d['untrained'], 'checkpoint-untrained.pth')
-    if not is_newer(untrained, [checkpoint]):
-        print(f'\n=== untrained control: {untrained} = the architecture of {checkpoint}, freshly initialised '
-              f'(no pretraining)', flush=True)
-        untrained_checkpoint(checkpoint, untrained)
+    picture = os.path.join(out, 'reconstruction.png')
+    if not is_newer(picture, [checkpoint]):
+        video = read_csv(pretrain_csv['val'])[0]['source']   # a validation video, unseen in pretraining
+        run('what the model reconstructs (one validation video)', 'tools/visualize_reconstruction.py',
+            '--resume', checkpoint, '--embedding_path', video, '--seed', 0, '--out', picture, *device)
 
     tasks = TASK_NAMES
     probe_args = ['--task', *tasks, '--data_path', d['csv'], *size['probe'], '--epochs', probe_epochs,
                   '--seeds', *seeds, *device]
     fresh(d['probes'], dict(inputs, probe=list(map(str, probe_args))))
     stores = glob.glob(os.path.join(glob.escape(d['embeddings']), '*.safetensors'))  # step 4 rewrites the CSVs
-    sources = {'raw': ['--baseline', 'raw'], 'untrained': ['--resume', untrained],
+    sources = {'raw': ['--baseline', 'raw'], 'untrained': ['--baseline', 'random_init', '--resume', checkpoint],
                'pretrained': ['--resume', checkpoint]}
     results = {}
     for name, probe, source in PROBES:
         folder = os.path.join(d['probes'], name)
         result = os.path.join(folder, 'results.json')
-        if is_newer(result, stores + {'raw': [], 'untrained': [untrained], 'pretrained': [checkpoint]}[source]):
+        if is_newer(result, stores + ([] if source == 'raw' else [checkpoint])):
             print(f'\n=== probe {name}: {result} is newer than its inputs, skipped')
         else:
             run(f'probe: {COLUMNS[name]}', f'test_{probe}_movie_clip.py', *probe_args, *sources[source],
@@ -246,7 +231,7 @@ def main(args):
         'segments': os.path.join(d['segments'], 'segments_metadata.csv'), 'embeddings': d['embeddings'],
         'embeddings_unlabelled': d['embeddings_unlabelled'],
         'task_csvs': [os.path.join(d['csv'], t) for t in tasks], 'pretrain_csv': pretrain_csv['train'],
-        'checkpoint': checkpoint, 'untrained_checkpoint': untrained,
+        'checkpoint': checkpoint, 'reconstruction_picture': picture,
         'pretrain_log': os.path.join(d['pretrain'], 'log.txt'),
         'tensorboard': os.path.join(d['pretrain'], 'tensorboard'),
         'probe_results': [os.path.join(d['probes'], n, 'results.json') for n, _, _ in PROBES]}

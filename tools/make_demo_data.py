@@ -3,12 +3,12 @@ kinds, many unlabelled videos for pretraining and fewer labelled ones in LVU's s
 step 4 reads them as LVU), with two tasks that only the ORDER of scenes across the video decides and one
 that the scene frequencies decide.
 
-    python tools/make_demo_data.py --out_dir demo_out/data [--num_videos 150] [--num_unlabelled 450]
+    python tools/make_demo_data.py --output_dir demo_out/data [--num_videos 150] [--num_unlabelled 450]
         [--min_segments 8] [--max_segments 12] [--fps 2] [--size 32] [--seed 0]
 
 Writes ``videos/demo<i>.mp4`` (labelled, split 60/20/20 into train/val/test), ``unlabelled/u<i>.mp4``,
 ``lvu_1.0/{plot,direction,tint}/{train,val,test}.csv``, ``README.txt`` and ``stamp.json`` under
---out_dir. A rerun with the same arguments reuses the files. Same seed, same bytes: the videos are
+--output_dir. A rerun with the same arguments reuses the files. Same seed, same bytes: the videos are
 MPEG-4 Part 2 from FFmpeg's own encoder, one thread.
 
 Every video follows a "plot": a cyclic order of the six kinds (PLOTS, three of them), traversed forwards
@@ -57,7 +57,8 @@ VIDEO_RE = re.compile(r'^\.?(demo|u)\d+\.mp4(\..*\.tmp)?$')  # our videos and th
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Generate the demo long-video benchmark', add_help=False)
-    parser.add_argument('--out_dir', default='demo_out/data', help='where videos/, unlabelled/, lvu_1.0/ go')
+    parser.add_argument('--output_dir', '--out_dir', dest='out_dir', default='demo_out/data',
+                        help='where videos/, unlabelled/, lvu_1.0/ go')
     parser.add_argument('--num_videos', default=150, type=int, help='labelled videos, split 60/20/20')
     parser.add_argument('--num_unlabelled', default=450, type=int, help='unlabelled videos (pretraining)')
     parser.add_argument('--min_segments', default=8, type=int, help='shortest video, in 5-second segments')
