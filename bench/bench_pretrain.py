@@ -106,9 +106,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 2, 1
+        args.loader_videos, args.loader_samples = min(args.loader_videos, 8), min(args.loader_samples, 64)
     if not args.pad_multiple:
         args.pad_multiple = 32 if args.device.startswith('cuda') else 1
-        args.loader_videos, args.loader_samples = min(args.loader_videos, 8), min(args.loader_samples, 64)
     if args.steps < 1:
         parser.error('--steps must be at least 1')
     return args
