@@ -206,13 +206,19 @@ def test_original_release_args_namespace_loads_safely(tmp_path):
 
 
 # ---------------------------------------------------------------- loss reduction
-def test_default_loss_is_the_mean_over_all_masked_tokens_of_the_batch():
-    model = tiny()
+def unequal_masked_batch():
+    """Videos of 4, 20 and 11 segments with 1, 12 and 3 masked tokens."""
     x, n = batch([4, 20, 11], seed=3)
     mask = torch.zeros(3, 20, dtype=torch.bool)
     mask[0, [1]] = True
     mask[1, 2:14] = True
     mask[2, [0, 5, 9]] = True
+    return x, n, mask
+
+
+def test_default_loss_is_the_mean_over_all_masked_tokens_of_the_batch():
+    model = tiny()
+    x, n, mask = unequal_masked_batch()
     loss, pred, m = model(x, n, mask=mask)
     per_token = [((pred[b, t] - x[b, t]) ** 2).mean() for b in range(3) for t in range(20) if mask[b, t]]
     assert len(per_token) == 16 and m.sum() == 16
@@ -226,11 +232,7 @@ def test_default_loss_is_the_mean_over_all_masked_tokens_of_the_batch():
 
 def test_video_reduction_is_the_mean_of_per_video_means():
     model = tiny(loss_reduction='video')
-    x, n = batch([4, 20, 11], seed=3)
-    mask = torch.zeros(3, 20, dtype=torch.bool)
-    mask[0, [1]] = True
-    mask[1, 2:14] = True
-    mask[2, [0, 5, 9]] = True
+    x, n, mask = unequal_masked_batch()
     loss, pred, _ = model(x, n, mask=mask)
     per_video = [((pred[b, mask[b]] - x[b, mask[b]]) ** 2).mean() for b in range(3)]
     torch.testing.assert_close(loss, torch.stack(per_video).mean(), rtol=1e-6, atol=1e-7)
