@@ -161,7 +161,7 @@ class EncoderSpec:
             raise InputError(str(e)) from None
         sd = model_state(ckpt) if ckpt else {}
         source = args.resume or 'the architecture flags'
-        self.arch, notes = resolve_arch(checkpoint_args(ckpt), sd, flags, source=source)
+        self.arch, notes = resolve_arch(checkpoint_args(ckpt), sd, flags, source=source, decoder=False)
         if 'num_heads' in notes:
             print(f'{source}: num_heads not stored in the checkpoint; using {self.arch["num_heads"]} (set --num_heads)')
         self.num_patches = self.arch['num_patches']

@@ -107,6 +107,8 @@ def parse_args(argv=None):
     if args.quick:
         args.steps, args.warmup = 2, 1
         args.loader_videos, args.loader_samples = min(args.loader_videos, 8), min(args.loader_samples, 64)
+    if args.pad_multiple < 0:
+        parser.error('--pad_multiple must not be negative')
     if not args.pad_multiple:
         args.pad_multiple = 32 if args.device.startswith('cuda') else 1
     if args.steps < 1:
@@ -239,8 +241,10 @@ def batch_flops(args, mode, lengths):
     if mode == 'original':
         n_enc = n_dec = args.num_patches + 1
     else:
-        n_enc = 1 + int(LVMAE.num_keep(lengths, args.mask_ratio).max())
-        n_dec = 1 + (args.num_patches if mode == 'ours_pad256' else int(lengths.max()))
+        m = args.pad_multiple
+        L = args.num_patches if mode == 'ours_pad256' else min(-(-int(lengths.max()) // m) * m, args.num_patches)
+        n_enc = 1 + min(-(-int(LVMAE.num_keep(lengths, args.mask_ratio).max()) // m) * m, L)
+        n_dec = 1 + L
     return len(lengths) * step_flops(args, n_enc, n_dec)
 
 

@@ -313,3 +313,29 @@ def test_unwritable_output_folder_and_missing_gpu_are_input_errors(tmp_path):
         with pytest.raises(InputError, match='CUDA is not available'):
             default_device('cuda:0')
     assert default_device('cpu') == 'cpu'
+
+
+def test_encoder_only_users_skip_the_decoder_head_check_and_contradicting_heads_are_errors():
+    from util.checkpoint import ArchitectureError, resolve_arch
+    sd = tiny(decoder_embed_dim=24, decoder_num_heads=2).state_dict()   # 24 is not divisible by the paper's 16
+    with pytest.raises(ArchitectureError, match='decoder width 24'):
+        resolve_arch({}, sd, {'num_heads': 4})
+    arch, notes = resolve_arch({}, sd, {'num_heads': 4}, decoder=False)   # the probes drop the decoder
+    assert arch['decoder_embed_dim'] == 24 and notes == []
+    with pytest.raises(ArchitectureError, match='--decoder_num_heads 4 but the checkpoint was trained with '
+                                                'decoder_num_heads=2'):
+        resolve_arch({'decoder_num_heads': 2}, sd, {'decoder_num_heads': 4})
+
+
+def test_folder_lock_on_a_file_system_without_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from util import fileio
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    lock = fileio.FolderLock(str(tmp_path / 'out'))      # runs unlocked rather than not at all
+    lock.release()
+    lock.release()                                      # twice is harmless

@@ -23,7 +23,6 @@ Labels are independent and balanced in every split. Unlabelled videos are drawn 
 """
 import argparse
 import json
-import math
 import os
 import re
 

@@ -210,6 +210,10 @@ def draw(r, s, title, warning, out):
 def main(args):
     if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
         raise InputError(f'--mask_ratio must be between 0 and 1, got {args.mask_ratio}')
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except OSError as e:
+        raise InputError(f'--out {args.out}: cannot create its folder ({e.strerror or e})') from None
     heads = {'num_heads': args.num_heads, 'decoder_num_heads': args.decoder_num_heads}
     model, ckpt_args, epoch = load_model(args.resume, heads)
     masking = args.masking or ('semantic' if ckpt_args.get('masking_strategy') else 'random')

@@ -162,7 +162,7 @@ def shape_arch(sd):
     return arch
 
 
-def resolve_arch(ckpt_args=None, sd=None, flags=None, source='checkpoint'):
+def resolve_arch(ckpt_args=None, sd=None, flags=None, source='checkpoint', decoder=True):
     """The ``LVMAE`` keyword arguments of a model, worked out once.
 
     Each configuration key takes, in order: an explicit flag (``flags[k]`` not None), the
@@ -170,6 +170,7 @@ def resolve_arch(ckpt_args=None, sd=None, flags=None, source='checkpoint'):
     (``models_lvmae.PAPER_CONFIG``). A flag that contradicts the checkpoint's stored ``num_heads`` is
     an error (head counts leave no trace in the shapes); other contradictions show up as shape
     mismatches when the weights are loaded; heads that do not divide their width are an error too.
+    ``decoder=False`` (a user of the encoder alone) leaves the decoder's head count unchecked.
     Returns ``(kwargs, notes)``; ``notes`` lists the head counts (``num_heads``, and
     ``decoder_num_heads`` when the state dict has a decoder) that fell back to the paper's values
     although a checkpoint was given."""
@@ -179,9 +180,9 @@ def resolve_arch(ckpt_args=None, sd=None, flags=None, source='checkpoint'):
     stored = {k: ckpt_args[k] for k in keys if ckpt_args.get(k) is not None}
     shapes = shape_arch(sd)
     given = {k: v for k, v in flags.items() if k in keys and v is not None}
-    if 'num_heads' in given and stored.get('num_heads') not in (None, given['num_heads']):
-        raise ArchitectureError(f'{source}: --num_heads {given["num_heads"]} but the checkpoint was trained '
-                                f'with num_heads={stored["num_heads"]}')
+    for k in ('num_heads', 'decoder_num_heads') if decoder else ('num_heads',):
+        if k in given and stored.get(k) not in (None, given[k]):
+            raise ArchitectureError(f'{source}: --{k} {given[k]} but the checkpoint was trained with {k}={stored[k]}')
     arch, notes = {}, []
     for k in keys:
         for src in (given, stored, shapes, PAPER_CONFIG):
@@ -191,11 +192,13 @@ def resolve_arch(ckpt_args=None, sd=None, flags=None, source='checkpoint'):
         else:
             continue
         heads_unknown = k not in given and k not in stored
-        if sd and heads_unknown and (k == 'num_heads' or (k == 'decoder_num_heads' and 'decoder_depth' in shapes)):
+        if sd and heads_unknown and (k == 'num_heads' or (decoder and k == 'decoder_num_heads' and 'decoder_depth' in shapes)):
             notes.append(k)
     width = arch.get('embed_dim') or arch['input_size']
-    for heads, dim, name in (('num_heads', width, 'encoder width'),
-                             ('decoder_num_heads', arch.get('decoder_embed_dim'), 'decoder width')):
+    checks = [('num_heads', width, 'encoder width')]
+    if decoder:
+        checks.append(('decoder_num_heads', arch.get('decoder_embed_dim'), 'decoder width'))
+    for heads, dim, name in checks:
         if dim and arch.get(heads) and dim % arch[heads]:
             raise ArchitectureError(f'{source}: --{heads} {arch[heads]} does not divide the {name} {dim}')
     if width % 2:

@@ -110,8 +110,7 @@ class FolderLock:
 
     def release(self):
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            os.close(self.fd)     # closing the file drops the lock (if the file system gave one)
             self.fd = None
 
     def __enter__(self):
