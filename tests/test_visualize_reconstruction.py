@@ -201,3 +201,7 @@ def test_bad_inputs_are_input_errors(setup, tmp_path):
                                          if not k.startswith(('decoder', 'mask_token'))}})
     with pytest.raises(InputError, match='no decoder'):
         run_main(dict(setup, ckpt=str(enc_only)), tmp_path / 'x.png')
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    with pytest.raises(InputError, match='cannot create its folder'):
+        run_main(setup, blocker / 'sub' / 'x.png')
