@@ -84,8 +84,8 @@ def train_seed(args, task, data, dim, featurizer, seed, combos=None, log_writer=
     num_out = 1 if task.regression else task.num_classes
     if args.probe == 'ap' and dim % args.head_num_heads:
         raise InputError(f'argument --head_num_heads: {args.head_num_heads} does not divide the feature width {dim}')
-    grid = HeadGrid(make_head(args.probe, dim, num_out, args.head_num_heads, prepend_cls=args.baseline == 'raw')
-                    .to(device), len(combos))
+    grid = HeadGrid(make_head(args.probe, dim, num_out, args.head_num_heads, prepend_cls=args.baseline == 'raw'),
+                    len(combos)).to(device)
     groups = [{'params': list(h.parameters()), 'lr': lr, 'weight_decay': wd} for h, (lr, wd) in zip(grid.heads, combos)]
     opt = torch.optim.Adam(groups, amsgrad=not args.no_amsgrad,
                            fused=torch.device(device).type in ('cpu', 'cuda'))  # one kernel for all parameters
@@ -113,7 +113,6 @@ def train_seed(args, task, data, dim, featurizer, seed, combos=None, log_writer=
             losses = grid_loss(head_outputs(grid, train, videos, featurizer, device), y_all[videos.to(device)], task)
             opt.zero_grad()
             losses.sum().backward()
-            grid.share_grads()
             opt.step()
             total += losses.detach() * len(videos)
             seen += len(videos)

@@ -85,32 +85,15 @@ class HeadGrid(nn.Module):
 
     ``forward(x, lengths)`` returns ``[n, B, outputs]``: every copy sees the same batch in one call,
     ``vmap`` over the copies' stacked parameters (one batched kernel per layer instead of ``n`` runs).
-    The parameters live stacked (``stacked[name]``, ``[n, ...]``); each copy's parameter is a view of its
-    slice, so an optimiser with one parameter group per copy updates the stack in place, and
-    ``share_grads()`` hands each copy the slice of the stack's gradient: no copy of parameters or
-    gradients per step. Build it on its device (moving it afterwards would break the views). With one
-    copy it is the plain head, so a one-combination sweep is the ordinary probe."""
+    With one copy it is the plain head, so a one-combination sweep is the ordinary probe."""
 
     def __init__(self, head, n):
         super().__init__()
         self.heads = nn.ModuleList(copy.deepcopy(head) for _ in range(n))
-        self.stacked = {}
-        if n > 1:
-            for name, _ in head.named_parameters():
-                stack = torch.stack([h.get_parameter(name).detach() for h in self.heads])
-                self.stacked[name] = stack.requires_grad_()
-                for g, h in enumerate(self.heads):
-                    module, _, attr = name.rpartition('.')
-                    h.get_submodule(module)._parameters[attr] = nn.Parameter(stack.detach()[g])
 
     def forward(self, x, lengths):
         if len(self.heads) == 1:
             return self.heads[0](x, lengths)[None]
-        return vmap(lambda p: functional_call(self.heads[0], p, (x, lengths)))(self.stacked)
-
-    def share_grads(self):
-        """After ``backward``: each copy's parameter gets its slice of the stack's gradient (a view)."""
-        for name, stack in self.stacked.items():
-            grad, stack.grad = stack.grad, None
-            for g, h in enumerate(self.heads):
-                h.get_parameter(name).grad = None if grad is None else grad[g]
+        params = [dict(h.named_parameters()) for h in self.heads]
+        stacked = {k: torch.stack([p[k] for p in params]) for k in params[0]}
+        return vmap(lambda p: functional_call(self.heads[0], p, (x, lengths)))(stacked)
