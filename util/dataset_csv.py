@@ -25,11 +25,6 @@ def store_header(path):
     return shape[0], metadata
 
 
-def count_segments(path):
-    """Number of segments in a store file, from its header only."""
-    return store_header(path)[0]
-
-
 def find_embeddings(video_id, embedding_dirs, legacy_roots=()):
     """``(CSV fields, metadata, None)`` for a video with embeddings (first folder that has it), else
     ``(None, None, reason)``. Legacy per-segment files have no metadata (``{}``)."""
