@@ -1,8 +1,8 @@
 """Training and evaluation of a probe head on a frozen encoder's features (docs/EVAL.md).
 
 One call of ``train_seed`` trains, for one task and one seed, the head of every (learning rate,
-weight decay) combination of the run side by side (``models_probe.HeadGrid``: one vectorised pass
-over each batch for all of them; one combination is the ordinary single-head probe). Each head is
+weight decay) combination of the run side by side (the copies of one ``models_probe`` head: one
+batched pass over each batch for all of them; one combination is the ordinary single-head probe). Each head is
 evaluated on val and test after every epoch and keeps the test score of its epoch with the best val
 score, the later epoch on ties (the original release's rule). The orchestration (tasks, seeds,
 encoder, feature cache, results) is in ``main_probe.py``.
@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from models_probe import HeadGrid, make_head
+from models_probe import make_head, per_copy_parameters
 from util.errors import InputError
 from util.features import NonFiniteError
 
@@ -84,9 +84,10 @@ def train_seed(args, task, data, dim, featurizer, seed, combos=None, log_writer=
     num_out = 1 if task.regression else task.num_classes
     if args.probe == 'ap' and dim % args.head_num_heads:
         raise InputError(f'argument --head_num_heads: {args.head_num_heads} does not divide the feature width {dim}')
-    grid = HeadGrid(make_head(args.probe, dim, num_out, args.head_num_heads, prepend_cls=args.baseline == 'raw'),
-                    len(combos)).to(device)
-    groups = [{'params': list(h.parameters()), 'lr': lr, 'weight_decay': wd} for h, (lr, wd) in zip(grid.heads, combos)]
+    grid = make_head(args.probe, dim, num_out, args.head_num_heads, prepend_cls=args.baseline == 'raw',
+                     copies=len(combos)).to(device)
+    groups = [{'params': params, 'lr': lr, 'weight_decay': wd}
+              for params, (lr, wd) in zip(per_copy_parameters(grid), combos)]
     opt = torch.optim.Adam(groups, amsgrad=not args.no_amsgrad,
                            fused=torch.device(device).type in ('cpu', 'cuda'))  # one kernel for all parameters
     sched = make_scheduler(opt, args)

@@ -103,7 +103,7 @@ def features(encoder, xs):
 
 
 def ap_probe(encoder, train, test, steps=150, lr=1e-3, seed=0):
-    """Top-1 % on ``test`` of an attentive probe (engine_probe.APHead) trained full-batch on ``train``
+    """Top-1 % on ``test`` of an attentive probe (models_probe.APHead) trained full-batch on ``train``
     (each ``(list of [L, D] arrays, labels)``) over the frozen encoder's outputs."""
     (ftr, ltr), (fte, lte) = features(encoder, train[0]), features(encoder, test[0])
     ytr, yte = torch.as_tensor(train[1]), torch.as_tensor(test[1])
@@ -111,12 +111,12 @@ def ap_probe(encoder, train, test, steps=150, lr=1e-3, seed=0):
     head = APHead(ftr.shape[-1], int(ytr.max()) + 1, num_heads=4)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(steps):
-        loss = F.cross_entropy(head(ftr, ltr), ytr)
+        loss = F.cross_entropy(head(ftr, ltr)[0], ytr)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return 100 * (head(fte, lte).argmax(1) == yte).float().mean().item()
+        return 100 * (head(fte, lte)[0].argmax(1) == yte).float().mean().item()
 
 
 @torch.no_grad()

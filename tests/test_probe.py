@@ -4,15 +4,17 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 import engine_probe as ep
 import main_probe as mp
-from models_probe import APHead, HeadGrid
+from models_probe import APHead, LPHead, per_copy_parameters
 from models_lvmae import LVMAE
 from util.checkpoint import save_checkpoint
 from util.embeddings import EmbeddingError, embedding_path, save_video_embeddings
@@ -107,14 +109,67 @@ def run(data, probe, task, *flags, out='out'):
     return mp.main(args)
 
 
-def test_ap_head_equals_timm_block_at_cls():
+def timm_reference(head, g):
+    """Copy ``g`` of an ``APHead`` as the timm modules it stands for: ``x -> head(norm(block(x)[:, 0]))``."""
+    from timm.models.vision_transformer import Block
+    block = Block(D, head.num_heads, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    norm, lin = torch.nn.LayerNorm(D, eps=1e-6), torch.nn.Linear(D, head.p['head_bias'].shape[1])
+    params = {k: v[g] for k, v in head.p.items()}
+    for kind in ('weight', 'bias'):
+        params[f'attn_qkv_{kind}'] = torch.cat([params.pop(f'attn_{part}_{kind}') for part in 'qkv'])
+    for prefix, m in (('', block), ('norm_', norm), ('head_', lin)):
+        m.load_state_dict({n: params[prefix + n.replace('.', '_')] for n, _ in m.named_parameters()})
+
+    def forward(x, lengths):
+        if head.prepend_cls:
+            x, lengths = torch.cat([head.p['cls_token'][g].expand(len(x), 1, -1), x], 1), lengths + 1
+        mask = (torch.arange(x.shape[1])[None] < lengths[:, None])[:, None, None, :]
+        return lin(norm(block(x, attn_mask=mask)[:, 0]))
+    return forward
+
+
+@pytest.mark.parametrize('prepend_cls', [False, True])
+def test_ap_head_copies_equal_timm_block_at_cls(prepend_cls):
     torch.manual_seed(0)
-    head = APHead(D, 3, num_heads=8)
+    head = APHead(D, 3, num_heads=8, prepend_cls=prepend_cls, copies=3)
     for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+        torch.nn.init.normal_(p, std=0.3)   # each copy its own weights
     x, lengths = torch.randn(4, 7, D), torch.tensor([7, 3, 1, 5])
-    mask = (torch.arange(7)[None] < lengths[:, None])[:, None, None, :]
-    torch.testing.assert_close(head.block_cls(x, lengths), head.block(x, attn_mask=mask)[:, 0], rtol=1e-5, atol=1e-5)
+    out = head(x, lengths)
+    assert out.shape == (3, 4, 3)
+    for g in range(3):
+        torch.testing.assert_close(out[g], timm_reference(head, g)(x, lengths), rtol=1e-5, atol=1e-5)
+
+
+def test_copies_start_equal_and_train_apart_as_single_heads():
+    """Each copy, trained with its own lr and weight decay in one optimiser, follows the same steps as a
+    one-copy head trained alone with those hyperparameters."""
+    x, lengths, y = torch.randn(6, 5, D), torch.tensor([5, 4, 3, 5, 2, 1]), torch.tensor([0, 1, 2, 0, 1, 2])
+    combos = [(1e-2, 0.), (1e-3, 1e-2), (3e-2, 1e-1)]
+
+    def train(make, hyper):
+        torch.manual_seed(0)
+        head = make(len(hyper))
+        opt = torch.optim.Adam([{'params': v, 'lr': lr, 'weight_decay': wd}
+                                for v, (lr, wd) in zip(per_copy_parameters(head), hyper)], amsgrad=True)
+        for _ in range(4):
+            loss = F.cross_entropy(head(x, lengths).transpose(1, 2), y.expand(len(hyper), -1), reduction='none')
+            opt.zero_grad()
+            loss.mean(1).sum().backward()
+            opt.step()
+        return head
+
+    for make in (lambda n: APHead(D, 3, num_heads=4, copies=n), lambda n: LPHead(D, 3, copies=n)):
+        torch.manual_seed(0)
+        first = make(3)
+        assert all(torch.equal(p[0], p[g]) for p in first.parameters() for g in range(3))
+        grid = train(make, combos)
+        for g, combo in enumerate(combos):
+            one = train(make, [combo])
+            for name, p in one.p.items():
+                torch.testing.assert_close(grid.p[name][g], p[0], rtol=1e-4, atol=2e-5)
+        assert not torch.allclose(grid.p['head_weight'][0], grid.p['head_weight'][1])
+        assert all(p.grad is None for p in grid.parameters())   # handed over to the copies
 
 
 def test_mix_task_ap_lp_keep_class_ids(data):
@@ -186,10 +241,10 @@ def test_long_video_windows():
     assert items.length.tolist() == [2, 2, 1, 2] and items.video.tolist() == [0, 0, 0, 1]
     torch.manual_seed(0)
     head = APHead(D, 3, num_heads=8, prepend_cls=True)
-    out = ep.head_outputs(HeadGrid(head, 1), items, torch.tensor([1, 0]), None, 'cpu')[0]
-    windows = [head(w[None], torch.tensor([len(w)])) for w in seqs[0].split(2)]
+    out = ep.head_outputs(head, items, torch.tensor([1, 0]), None, 'cpu')[0]
+    windows = [head(w[None], torch.tensor([len(w)]))[0] for w in seqs[0].split(2)]
     torch.testing.assert_close(out[1], torch.cat(windows).mean(0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[0], head(seqs[1][None], torch.tensor([2]))[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0], head(seqs[1][None], torch.tensor([2]))[0, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_cli_readme_command(data, tmp_path):
