@@ -109,7 +109,7 @@ class VideoRows:
             except EmbeddingError as e:
                 raise self._error(str(e)) from None
             return emb if out is None else out.copy_(emb)
-        # the rows as stored, then converted to float32 in place (in ``out``)
+        # the rows as stored (float16 by default), converted to float32 in ``out``
         rows = torch.empty((stop - start, self.dim), dtype=self.dtype)
         size, row_bytes = rows.nbytes, self.dim * rows.element_size()
         got = os.preadv(self._fd, [rows.view(torch.uint8).numpy()], self.offset + start * row_bytes) if size else 0
@@ -162,7 +162,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     train=False (validation): the first ``num_patches`` segments (tiled as in training when the video
     is very short) and a fixed noise per video, so the masks are the same at every evaluation.
     A video that keeps no visible token over its whole length is replaced by another one drawn from
-    the sample's generator, in both modes. ``pad_multiple``: see ``__getitems__``.
+    the sample's generator, in both modes. Every file must hold ``input_size``-d rows;
+    ``pad_multiple``: see ``__getitems__``.
     """
 
     def __init__(self, csv_paths, input_size, num_patches, mask_ratio, seed=0, train=True, skip_bad=False,
@@ -226,20 +227,21 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices):
         """The batch of samples ``indices``, each read straight into its slot: ``x [B, L, D]`` (float32,
         zeros past each length), ``lengths [B]``, ``noise [B, L]`` (1 past each length, above every real
-        value, so padding is never chosen to be kept). ``L``, the longest sample rounded up to a multiple
-        of ``pad_multiple`` but not past ``num_patches`` (nor below the longest). In a DataLoader worker
-        ``x`` and ``noise`` are in shared memory."""
+        value, so padding is never chosen to be kept); ``L`` is the longest sample rounded up to a
+        multiple of ``pad_multiple``, but not past ``num_patches``. ``x[i, :lengths[i]]`` and
+        ``noise[i, :lengths[i]]`` are ``self[indices[i]]``. In a DataLoader worker ``x`` and ``noise``
+        are in shared memory. The batch's files stay open while it is built (one per sample)."""
         with contextlib.ExitStack() as files:
             samples = [self._draw(int(i), files) for i in indices]
             lengths = torch.tensor([s[3] for s in samples], dtype=torch.long)
-            longest, m = int(lengths.max()), self.pad_multiple
-            L = max(min(-(-longest // m) * m, self.num_patches), longest)
+            m = self.pad_multiple
+            L = min(-(-int(lengths.max()) // m) * m, self.num_patches)   # every length is <= num_patches
             x = empty_batch((len(samples), L, self.input_size))
             noise = empty_batch((len(samples), L)).fill_(1)
             for i, (video, start, stop, n, nz) in enumerate(samples):
                 if n == stop - start:
                     video.read(start, stop, x[i, :n])
-                else:   # tiled: a few rows at most
+                else:   # a very short video, tiled (a few rows)
                     x[i, :n] = tile_short(video.read(start, stop), len(video))[:n]
                 x[i, n:] = 0
                 noise[i, :n] = torch.from_numpy(nz)
