@@ -243,7 +243,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                     video.read(start, stop, x[i, :n])
                 else:   # a very short video, tiled (a few rows)
                     x[i, :n] = tile_short(video.read(start, stop), len(video))[:n]
-                x[i, n:] = 0
+                x[i, n:].zero_()
                 noise[i, :n] = torch.from_numpy(nz)
         return x, lengths, noise
 
