@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import time
-from functools import partial
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ import torch
 import util.misc as misc
 from engine_pretrain import evaluate, param_groups, train_one_epoch, trivial_losses
 from models_lvmae import ARCH_KEYS, ENCODER_KEYS, LOSS_REDUCTIONS, LVMAE, SEMANTIC_ORDERS, resolve_input_scale
-from util.datasets import PretrainDataset, collate_pretrain
+from util.datasets import PretrainDataset, collate_built
 from util.errors import InputError, run_main
 from util.fileio import FolderLock
 
@@ -192,12 +191,12 @@ def train(args):
     print('args:', json.dumps(vars(args), default=str))
 
     kw = dict(input_size=args.input_size, num_patches=args.num_patches, mask_ratio=args.mask_ratio,
-              seed=args.seed, skip_bad=args.skip_bad)
+              seed=args.seed, skip_bad=args.skip_bad, pad_multiple=args.pad_multiple)
     dataset_train = PretrainDataset(csv_paths(args), train=True, **kw)
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size, rank=args.rank,
                                                   shuffle=True, seed=args.seed)
     loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,
-                     collate_fn=partial(collate_pretrain, multiple=args.pad_multiple, max_len=args.num_patches))
+                     collate_fn=collate_built)   # the dataset builds each batch (__getitems__)
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kw)
     if len(loader_train) == 0:
         raise InputError(f'{len(dataset_train)} videos do not fill one step of batch_size {args.batch_size} '

@@ -7,10 +7,11 @@
     python bench/bench_pretrain.py --preset loader    # data loading: samples/s of one loader process
 
 The loader preset writes store files of the paper's size (1,024-d float16, videos of 100-800 segments)
-to a temporary folder and times one process (one thread, as a DataLoader worker) producing training
-samples (256-segment windows) and collating them into batches; one line per way of reading:
-  store/window      this repository: only the window's rows are read (memory-mapped slice)
-  store/whole_file  the whole video's file read and normalised, then cut (this repository before)
+to a temporary folder and times one process (one thread, as a DataLoader worker) building batches of
+training samples (windows of up to 256 segments); one line per way of reading:
+  store/window      this repository: only the window's rows are read, straight into the batch
+  store/whole_file  the whole video's file read and normalised, then cut, each sample then copied into
+                    the padded batch (this repository before)
   original_layout   the original release's layout, one .pt file per segment (only the window's files)
 The files were just written, so they sit in the page cache: this measures the loader's own work, not
 the disk.
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine_pretrain import param_groups  # noqa: E402
 from models_lvmae import LVMAE  # noqa: E402
-from util.datasets import PretrainDataset, collate_pretrain, tile_short  # noqa: E402
+from util.datasets import PretrainDataset, tile_short  # noqa: E402
 from util.embeddings import embedding_path, load_row, save_video_embeddings  # noqa: E402
 
 MODES = ('ours', 'ours_pad256', 'original')
@@ -343,8 +344,20 @@ def measure_memory(args, length):
 
 
 class WholeFileDataset(PretrainDataset):
-    """The loader as it was: read and normalise the whole video's file, then cut the window (the same
-    samples as ``PretrainDataset``)."""
+    """The loader as it was: read and normalise the whole video's file, then cut the window, sample by
+    sample; a batch is the samples copied into the padded batch (the same samples and batches as
+    ``PretrainDataset``, train mode)."""
+
+    def __getitems__(self, indices):
+        samples = [self[i] for i in indices]
+        lengths = torch.tensor([x.shape[0] for x, _ in samples])
+        x = torch.empty(len(samples), int(lengths.max()), samples[0][0].shape[1])
+        noise = torch.ones(len(samples), int(lengths.max()))
+        for i, (xi, nz) in enumerate(samples):
+            x[i, :xi.shape[0]] = xi
+            x[i, xi.shape[0]:] = 0
+            noise[i, :nz.shape[0]] = nz
+        return x, lengths, noise
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -387,7 +400,8 @@ def write_loader_data(folder, args, layout, n_videos):
 
 
 def measure_loader(args, read):
-    """Samples per second of one process (one thread) producing training samples and batches."""
+    """Samples per second of one process (one thread) producing training batches, as a DataLoader
+    worker does (``__getitems__``)."""
     torch.set_num_threads(1)
     layout = 'legacy' if read == 'original_layout' else 'store'
     n_videos = args.loader_videos if layout == 'store' else max(2, args.loader_videos // 8)
@@ -397,11 +411,11 @@ def measure_loader(args, read):
         cls = WholeFileDataset if read == 'store/whole_file' else PretrainDataset
         ds = cls(csv, args.input_size, args.num_patches, args.mask_ratio, seed=args.seed)
         order = np.random.default_rng(args.seed).permutation(n_samples) % len(ds)
-        collate_pretrain([ds[int(i)] for i in order[:args.batch_size]])   # warm-up
+        ds.__getitems__(order[:args.batch_size].tolist())   # warm-up
         tokens = 0
         t0, c0 = time.perf_counter(), time.process_time()
         for b in range(0, n_samples, args.batch_size):
-            x, lengths, _ = collate_pretrain([ds[int(i)] for i in order[b:b + args.batch_size]])
+            x, lengths, _ = ds.__getitems__(order[b:b + args.batch_size].tolist())
             tokens += int(lengths.sum())
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return dict(measure='loader', read=read, samples_per_s=n_samples / dt, cpu_samples_per_s=n_samples / cpu,

@@ -14,7 +14,7 @@ import main_pretrain
 import models_lvmae
 import util.misc as misc
 from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from util.datasets import PretrainDataset, VideoRows, collate_pretrain, tile_short
+from util.datasets import PretrainDataset, VideoRows, collate_built, tile_short
 from util.embeddings import EmbeddingError, embedding_path, load_row, read_csv, save_video_embeddings
 from util.errors import InputError
 from util.fileio import FolderLock
@@ -180,12 +180,105 @@ def test_window_read_errors_name_the_row(tmp_path):
         VideoRows(row, D, 'x.csv')
 
 
-def test_collate_pads_to_longest():
-    a, b = torch.randn(3, 4), torch.randn(5, 4)
-    x, lengths, noise = collate_pretrain([(a, torch.rand(3)), (b, torch.rand(5))])
-    assert x.shape == (2, 5, 4) and lengths.tolist() == [3, 5]
-    assert torch.equal(x[0, :3], a) and (x[0, 3:] == 0).all()
-    assert (noise[0, 3:] == 1).all() and (noise[:, :3] < 1).all()
+def sample_as_before(ds, index):
+    """Sample ``index`` of ``ds`` as the loader built it before batches were built in place: the whole
+    video loaded and normalised (``load_row``), the window cut, tiled, cut to num_patches."""
+    rng = np.random.default_rng([ds.seed, ds.epoch, index] if ds.train else [ds.seed, index])
+    while True:
+        csv, row = ds.rows[index]
+        emb = load_row(row, ds.input_size, csv)
+        if int(emb.shape[0] * (1 - ds.mask_ratio)) >= 1:
+            start, stop = ds._window(emb.shape[0], rng)
+            x = tile_short(emb[start:stop], emb.shape[0])[:ds.num_patches]
+            return x, torch.from_numpy(rng.random(x.shape[0])).float()
+        index = int(rng.integers(len(ds.rows)))
+
+
+def pad_as_before(samples, multiple=1, max_len=None):
+    """The collate as it was: per-item samples copied into the batch padded to the longest, rounded up
+    to ``multiple`` but not past ``max_len``; zeros past each length, noise 1 past each length."""
+    lengths = torch.tensor([x.shape[0] for x, _ in samples])
+    longest = int(lengths.max())
+    L = max(min(-(-longest // multiple) * multiple, max_len or float('inf')), longest)
+    x, noise = torch.zeros(len(samples), L, samples[0][0].shape[1]), torch.ones(len(samples), L)
+    for i, (xi, nz) in enumerate(samples):
+        x[i, :xi.shape[0]], noise[i, :nz.shape[0]] = xi, nz
+    return x, lengths, noise
+
+
+@pytest.fixture(scope='module')
+def mixed_csvs(tmp_path_factory):
+    """Two CSVs: float16 and float32 store files of 1 to 300 segments (1 and 3: tiled), and videos in
+    the original release's layout (one .pt per segment, raw float16)."""
+    folder = str(tmp_path_factory.mktemp('mixed'))
+    rng = np.random.default_rng(5)
+    rows = []
+    for i, n in enumerate([1, 3, 4, 7, 12, 40, 300, 2]):
+        path = embedding_path(os.path.join(folder, 'emb'), f's{i}')
+        save_video_embeddings(path, rng.standard_normal((n, D)), np.arange(n) * 5.0, np.arange(1, n + 1) * 5.0,
+                              dtype=np.float16 if i % 2 else np.float32)
+        rows.append({'video_id': f's{i}', 'embedding_path': path, 'number_of_segments': n})
+    store = os.path.join(folder, 'store.csv')
+    pd.DataFrame(rows).to_csv(store, index=False)
+    rows = []
+    for i, n in enumerate([3, 9, 30]):
+        paths = []
+        for k in range(n):
+            paths.append(os.path.join(folder, 'legacy', f'l{i}', f'{k}.pt'))
+            os.makedirs(os.path.dirname(paths[-1]), exist_ok=True)
+            torch.save({'embedding': torch.from_numpy(rng.standard_normal(D)).half(), 'start': 5 * k,
+                        'end': 5 * k + 5}, paths[-1])
+        rows.append({'video_id': f'l{i}', 'segment_paths': repr(paths), 'number_of_segments': n})
+    legacy = os.path.join(folder, 'legacy.csv')
+    pd.DataFrame(rows).to_csv(legacy, index=False)
+    return [store, legacy]
+
+
+@pytest.mark.parametrize('train,num_patches,multiple', [(True, 16, 1), (True, 8, 3), (True, 64, 32),
+                                                        (False, 8, 1), (False, 20, 32), (True, 5, 32)])
+def test_batches_equal_per_item_samples_padded_as_before(mixed_csvs, train, num_patches, multiple):
+    """A batch built in place is byte for byte the per-item samples (whole video loaded, window cut,
+    tiled, cut to num_patches) padded as the collate did: windows, randomness, values, padding, the
+    rounding to ``multiple`` but not past num_patches; ``ds[i]`` is the same sample."""
+    ds = PretrainDataset(mixed_csvs, D, num_patches, 0.5, seed=2, train=train, pad_multiple=multiple)
+    for epoch in (0, 3):
+        ds.set_epoch(epoch)
+        for indices in ([0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [1], [6, 0, 9]):
+            samples = [sample_as_before(ds, i) for i in indices]
+            x, lengths, noise = ds.__getitems__(indices)
+            ref = pad_as_before(samples, multiple, num_patches)
+            assert x.dtype == ref[0].dtype and noise.dtype == ref[2].dtype and lengths.dtype == torch.long
+            assert torch.equal(x, ref[0]) and torch.equal(lengths, ref[1]) and torch.equal(noise, ref[2])
+            for i, (xi, nz) in zip(indices, samples):
+                assert torch.equal(ds[i][0], xi) and torch.equal(ds[i][1], nz)
+    # the cases: video 0 (1 segment) keeps no token at mask ratio 0.5 and is replaced; videos 1 and 8
+    # (3 segments, store and legacy) and 7 (2 segments) are tiled 3 times, cut to num_patches below 9
+    if not train:
+        assert ds[1][0].shape[0] == min(9, num_patches) and ds[7][0].shape[0] == min(6, num_patches)
+
+
+def test_batch_padding_and_dataloader_workers(mixed_csvs):
+    """Zeros past each length, noise 1 past each length (real noise below 1); the DataLoader (through
+    ``__getitems__``) gives the same batches with 2 workers as in the main process, also on a Subset
+    (validation shards)."""
+    ds = PretrainDataset(mixed_csvs, D, 12, 0.5, seed=4, pad_multiple=8)
+    x, lengths, noise = ds.__getitems__([4, 0, 6])
+    assert x.shape[1] == (8 if int(lengths.max()) <= 8 else 12)      # a multiple of 8, but not past 12
+    for i, n in enumerate(lengths.tolist()):
+        assert not x[i, n:].any() and (noise[i, n:] == 1).all() and (noise[i, :n] < 1).all()
+        assert torch.allclose(x[i, :n].norm(dim=-1), torch.ones(n))
+    val = PretrainDataset(mixed_csvs, D, 12, 0.5, seed=4, train=False, pad_multiple=8)
+    for data in (ds, torch.utils.data.Subset(val, range(1, len(val), 2))):
+        batches = {}
+        for workers in (0, 2):
+            loader = torch.utils.data.DataLoader(data, batch_size=3, shuffle=False, num_workers=workers,
+                                                 collate_fn=collate_built)
+            batches[workers] = list(loader)
+        assert len(batches[0]) == -(-len(data) // 3)
+        for a, b in zip(batches[0], batches[2]):
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
+        first = data.__getitems__([0, 1, 2])
+        assert all(torch.equal(u, v) for u, v in zip(batches[0][0], first))
 
 
 # ---------------------------------------------------------------- bad input

@@ -9,10 +9,13 @@ uninterrupted one. The rules (as the original release; see docs/PRETRAIN.md):
     random start, the whole video if it is shorter;
   - a window of a very short video is tiled (fewer than 2 segments 8 times, fewer than 5 three times)
     and cut to ``num_patches``.
-Only the window's rows are read from a store file (a memory-mapped slice) and normalised; the result is
-the same as loading the whole video and slicing it.
+The dataset builds whole batches (``__getitems__``, which a DataLoader calls): only the window's rows
+are read from a store file, straight into the sample's slot of the padded batch, and normalised there;
+the result is the same as loading the whole video, slicing it and padding the samples.
 """
+import contextlib
 import json
+import math
 import os
 
 import numpy as np
@@ -21,30 +24,32 @@ import torch
 from util.embeddings import EmbeddingError, _check, load_legacy_segments, load_row, read_csv
 
 
+def tile_count(video_segments):
+    """How many times the window of a video of ``video_segments`` segments is repeated: 8 below 2
+    segments, 3 below 5, else once (as the original release), so that some tokens stay visible."""
+    return 8 if video_segments < 2 else 3 if video_segments < 5 else 1
+
+
 def tile_short(x, video_segments):
-    """Repeat the window of a very short video so that some tokens stay visible: videos of fewer than
-    2 segments 8 times, of fewer than 5 segments 3 times (as the original release)."""
-    if video_segments < 2:
-        return x.repeat(8, 1)
-    if video_segments < 5:
-        return x.repeat(3, 1)
-    return x
+    """The window ``x`` of a very short video repeated ``tile_count(video_segments)`` times."""
+    reps = tile_count(video_segments)
+    return x.repeat(reps, 1) if reps > 1 else x
 
 
 STORE_DTYPES = {'F16': torch.float16, 'BF16': torch.bfloat16, 'F32': torch.float32, 'F64': torch.float64}
 
 
-def read_store_header(f, path):
-    """``(dtype, shape, first byte)`` of the ``embeddings`` tensor of an open safetensors store file.
-    The format: an 8-byte little-endian header size, a JSON header giving each tensor's dtype, shape and
-    byte range (counted from the end of the header), then the data, little-endian and row-major."""
-    head = f.read(8)
+def read_store_header(fd):
+    """``(dtype, shape, first byte)`` of the ``embeddings`` tensor of a safetensors store file open as
+    ``fd``. The format: an 8-byte little-endian header size, a JSON header giving each tensor's dtype,
+    shape and byte range (counted from the end of the header), then the data, little-endian and row-major."""
+    head = os.pread(fd, 8, 0)
     if len(head) < 8:
         raise ValueError('file shorter than a safetensors header')
     n = int.from_bytes(head, 'little')
     if n > 100_000_000:
         raise ValueError(f'header size {n} is not plausible')
-    header = json.loads(f.read(n))
+    header = json.loads(os.pread(fd, n, 8))
     if 'embeddings' not in header:
         raise KeyError('embeddings')
     info = header['embeddings']
@@ -57,12 +62,13 @@ class VideoRows:
     """One CSV row's video, opened for reading a range of its segments: ``len(v)`` is its number of
     segments (from the store file's header, or the length of a legacy ``segment_paths`` list) and
     ``v.read(start, stop)`` the float32 unit-norm rows ``[stop - start, D]``, equal to
-    ``load_row(row)[start:stop]``; only those rows are read from the file. Use as a context manager;
-    errors name the CSV row."""
+    ``load_row(row)[start:stop]``; only those rows are read from the file. ``v.read(start, stop, out)``
+    writes them into ``out`` (float32, ``[stop - start, D]``, rows contiguous: e.g. a sample's slot of a
+    batch) and returns it. Use as a context manager; errors name the CSV row."""
 
     def __init__(self, row, input_size=None, csv_path=None):
         self.row, self.input_size, self.csv_path = row, input_size, csv_path
-        self._file = None
+        self._fd = None
         source = row['source']
         if isinstance(source, list):
             self.n = len(source)
@@ -70,8 +76,8 @@ class VideoRows:
                 raise self._error('empty segment_paths list')
             return
         try:
-            self._file = open(source, 'rb')
-            self.dtype, shape, self.offset = read_store_header(self._file, source)
+            self._fd = os.open(source, os.O_RDONLY)
+            self.dtype, shape, self.offset = read_store_header(self._fd)
         except FileNotFoundError:
             raise self._error(f'{source}: embedding file not found') from None
         except KeyError:
@@ -95,23 +101,24 @@ class VideoRows:
     def __len__(self):
         return self.n
 
-    def read(self, start, stop):
+    def read(self, start, stop, out=None):
         source = self.row['source']
-        if self._file is None:
+        if self._fd is None:
             try:
-                return load_legacy_segments(source[start:stop], self.input_size)
+                emb = load_legacy_segments(source[start:stop], self.input_size)
             except EmbeddingError as e:
                 raise self._error(str(e)) from None
-        row_bytes = self.dim * self.dtype.itemsize
-        size = (stop - start) * row_bytes
-        data = bytearray(size)
-        got = os.preadv(self._file.fileno(), [data], self.offset + start * row_bytes) if size else 0
+            return emb if out is None else out.copy_(emb)
+        # the rows as stored (float16 by default), converted to float32 in ``out``
+        rows = torch.empty((stop - start, self.dim), dtype=self.dtype)
+        size, row_bytes = rows.nbytes, self.dim * rows.element_size()
+        got = os.preadv(self._fd, [rows.view(torch.uint8).numpy()], self.offset + start * row_bytes) if size else 0
         if got != size:
             raise self._error(f'{source}: unreadable embedding file (truncated: rows {start}-{stop} missing)')
-        emb = torch.frombuffer(data, dtype=self.dtype).view(stop - start, self.dim).float()
+        emb = rows.float() if out is None else out.copy_(rows)
         # F.normalize(emb, dim=-1), written out so that the norms also serve the check: a NaN/inf value
         # makes its row's norm NaN/inf, an all-zero row has norm 0; only then run the full check
-        norm = emb.norm(2, -1, keepdim=True)
+        norm = torch.linalg.vector_norm(emb, dim=-1, keepdim=True)
         lo, hi = (float(v) for v in torch.aminmax(norm))
         if not (lo > 0 and hi < float('inf')):   # also when NaN
             try:
@@ -121,9 +128,9 @@ class VideoRows:
         return emb.div_(norm.clamp_min_(1e-12))
 
     def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self
@@ -132,23 +139,40 @@ class VideoRows:
         self.close()
 
 
+def empty_batch(shape):
+    """``torch.empty(shape)`` (float32); in a DataLoader worker in shared memory (as default_collate
+    does), so that the batch is not copied once more to reach the main process."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape)
+    return torch.empty(0).new(torch.empty(0)._typed_storage()._new_shared(math.prod(shape))).view(shape)
+
+
+def collate_built(batch):
+    """The DataLoader's ``collate_fn`` for a PretrainDataset: its ``__getitems__`` returns the batch
+    already built."""
+    return batch
+
+
 class PretrainDataset(torch.utils.data.Dataset):
-    """Videos of one or more dataset CSVs; item ``i`` is ``(x [L, D], noise [L])``.
+    """Videos of one or more dataset CSVs, read in batches: ``__getitems__(indices)`` is the padded
+    batch ``(x [B, L, D], lengths [B], noise [B, L])`` of samples ``indices`` (a DataLoader calls it;
+    give it ``collate_fn=collate_built``) and ``ds[i]`` is sample ``i`` alone, ``(x [L_i, D], noise [L_i])``.
 
     train=True: a random window (see the module's docstring), a new one every epoch (``set_epoch``).
     train=False (validation): the first ``num_patches`` segments (tiled as in training when the video
     is very short) and a fixed noise per video, so the masks are the same at every evaluation.
     A video that keeps no visible token over its whole length is replaced by another one drawn from
-    the sample's generator, in both modes.
+    the sample's generator, in both modes. Every file must hold ``input_size``-d rows;
+    ``pad_multiple``: see ``__getitems__``.
     """
 
     def __init__(self, csv_paths, input_size, num_patches, mask_ratio, seed=0, train=True, skip_bad=False,
-                 log=print):
+                 pad_multiple=1, log=print):
         if isinstance(csv_paths, str):
             csv_paths = [csv_paths]
         self.rows = [(csv, row) for csv in csv_paths for row in read_csv(csv)]
         self.input_size, self.num_patches, self.mask_ratio = input_size, num_patches, mask_ratio
-        self.seed, self.train, self.epoch = seed, train, 0
+        self.seed, self.train, self.epoch, self.pad_multiple = seed, train, 0, pad_multiple
         if skip_bad:
             self.rows = self._drop_bad(log)
         if not self.rows:
@@ -184,38 +208,46 @@ class PretrainDataset(torch.utils.data.Dataset):
         start = int(rng.integers(0, n_video - n + 1))
         return start, start + n
 
-    def __getitem__(self, index):
-        key = [self.seed, self.epoch, index] if self.train else [self.seed, index]
-        rng = np.random.default_rng(key)
+    def _draw(self, index, files):
+        """Sample ``index``'s video (opened, its closing left to the ExitStack ``files``), window and
+        noise: ``(video, start, stop, length, noise)``, ``length`` the sample's number of rows (the window
+        tiled and cut to num_patches), ``noise`` float64 numpy ``[length]``."""
+        rng = np.random.default_rng([self.seed, self.epoch, index] if self.train else [self.seed, index])
         for _ in range(100):
             csv, row = self.rows[index]
-            with VideoRows(row, self.input_size, csv) as video:
-                if int(len(video) * (1 - self.mask_ratio)) >= 1:
-                    start, stop = self._window(len(video), rng)
-                    x = tile_short(video.read(start, stop), len(video))[:self.num_patches]
-                    return x, torch.from_numpy(rng.random(x.shape[0])).float()
+            video = files.enter_context(VideoRows(row, self.input_size, csv))
+            if int(len(video) * (1 - self.mask_ratio)) >= 1:
+                start, stop = self._window(len(video), rng)
+                length = min((stop - start) * tile_count(len(video)), self.num_patches)
+                return video, start, stop, length, rng.random(length)
+            video.close()
             index = int(rng.integers(len(self.rows)))
         raise EmbeddingError(f'no video keeps a visible token at --mask_ratio {self.mask_ratio} after 100 draws')
 
+    def __getitems__(self, indices):
+        """The batch of samples ``indices``, each read straight into its slot: ``x [B, L, D]`` (float32,
+        zeros past each length), ``lengths [B]``, ``noise [B, L]`` (1 past each length, above every real
+        value, so padding is never chosen to be kept); ``L`` is the longest sample rounded up to a
+        multiple of ``pad_multiple``, but not past ``num_patches``. ``x[i, :lengths[i]]`` and
+        ``noise[i, :lengths[i]]`` are ``self[indices[i]]``. In a DataLoader worker ``x`` and ``noise``
+        are in shared memory. The batch's files stay open while it is built (one per sample)."""
+        with contextlib.ExitStack() as files:
+            samples = [self._draw(int(i), files) for i in indices]
+            lengths = torch.tensor([s[3] for s in samples], dtype=torch.long)
+            m = self.pad_multiple
+            L = min(-(-int(lengths.max()) // m) * m, self.num_patches)   # every length is <= num_patches
+            x = empty_batch((len(samples), L, self.input_size))
+            noise = empty_batch((len(samples), L)).fill_(1)
+            for i, (video, start, stop, n, nz) in enumerate(samples):
+                if n == stop - start:
+                    video.read(start, stop, x[i, :n])
+                else:   # a very short video, tiled (a few rows)
+                    x[i, :n] = tile_short(video.read(start, stop), len(video))[:n]
+                x[i, n:].zero_()
+                noise[i, :n] = torch.from_numpy(nz)
+        return x, lengths, noise
 
-def collate_pretrain(batch, multiple=1, max_len=None):
-    """Pad to the longest sequence of the batch, rounded up to a multiple of ``multiple`` (but not past
-    ``max_len``, the model's ``num_patches``): ``x [B, L, D]``
-    (zeros past each length), ``lengths [B]``, ``noise [B, L]`` (1 past each length, above every real
-    value, so padding is never chosen to be kept)."""
-    xs, noises = zip(*batch)
-    lengths = torch.tensor([x.shape[0] for x in xs], dtype=torch.long)
-    L = max(min(-(-int(lengths.max()) // multiple) * multiple, max_len or float('inf')), int(lengths.max()))
-    shape = (len(xs), L, xs[0].shape[1])
-    if torch.utils.data.get_worker_info() is not None:
-        # in a DataLoader worker, build the batch in shared memory (as default_collate does): otherwise
-        # it is copied there once more to reach the main process
-        x = xs[0].new(xs[0]._typed_storage()._new_shared(shape[0] * shape[1] * shape[2])).view(shape)
-    else:
-        x = torch.empty(shape, dtype=xs[0].dtype)
-    noise = torch.ones(len(xs), L)
-    for i, (xi, nz) in enumerate(batch):
-        x[i, :xi.shape[0]] = xi
-        x[i, xi.shape[0]:] = 0
-        noise[i, :nz.shape[0]] = nz
-    return x, lengths, noise
+    def __getitem__(self, index):
+        x, lengths, noise = self.__getitems__([index])
+        n = int(lengths[0])
+        return x[0, :n], noise[0, :n]
