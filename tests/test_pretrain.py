@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import main_pretrain
 import models_lvmae
+import util.datasets
 import util.misc as misc
 from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from util.datasets import PretrainDataset, VideoRows, collate_built, tile_short
@@ -178,6 +179,45 @@ def test_window_read_errors_name_the_row(tmp_path):
     open(path, 'wb').write(b'junk')
     with pytest.raises(EmbeddingError, match='x.csv row 4.*unreadable embedding file'):
         VideoRows(row, D, 'x.csv')
+
+
+def open_files():
+    return len(os.listdir('/proc/self/fd'))
+
+
+def store_file(header):
+    """A store file's bytes with the JSON ``header`` (bytes) and 64 zero bytes of data."""
+    return len(header).to_bytes(8, 'little') + header + bytes(64)
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts open files in /proc/self/fd')
+@pytest.mark.parametrize('content', [store_file(b'[' * 100_000)], ids=['header nested past the JSON parser'])
+def test_bad_file_in_a_batch_is_a_one_line_error_and_leaks_no_file(tmp_path, content):
+    """A bad file among good ones: the batch raises the error naming its CSV row, on one line, and every
+    file the batch opened is closed again."""
+    csv = make_csv(str(tmp_path), [20] * 5)
+    open(os.path.join(str(tmp_path), pd.read_csv(csv).embedding_path[2]), 'wb').write(content)
+    ds = PretrainDataset(csv, D, 16, 0.5, train=False)
+    before = open_files()
+    for _ in range(3):
+        with pytest.raises(EmbeddingError, match='unreadable embedding file') as e:
+            ds.__getitems__([0, 1, 2, 3, 4])
+        assert str(e.value).startswith(f'{csv} row 3 (video combined_2): ') and '\n' not in str(e.value)
+    assert open_files() == before
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts open files in /proc/self/fd')
+def test_file_is_closed_whatever_stops_the_header_read(tmp_path, monkeypatch):
+    csv = make_csv(str(tmp_path), [20])
+    row = read_csv(csv)[0]
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(util.datasets, 'read_store_header', interrupted)
+    before = open_files()
+    with pytest.raises(KeyboardInterrupt):
+        VideoRows(row, D, csv)
+    assert open_files() == before
 
 
 def sample_as_before(ds, index):

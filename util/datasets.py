@@ -83,9 +83,12 @@ class VideoRows:
         except KeyError:
             self.close()
             raise self._error(f'{source}: no "embeddings" tensor in file') from None
-        except (OSError, ValueError, TypeError, IndexError) as e:
+        except (OSError, ValueError, TypeError, IndexError, RecursionError) as e:
             self.close()
             raise self._error(f'{source}: unreadable embedding file ({e})') from None
+        except BaseException:   # the file is open: a bare descriptor, which nothing else would close
+            self.close()
+            raise
         if len(shape) != 2 or shape[0] == 0:
             self.close()
             raise self._error(f'{source}: expected a [N, D] array with N >= 1, got shape {shape}')
