@@ -186,12 +186,21 @@ def open_files():
 
 
 def store_file(header):
-    """A store file's bytes with the JSON ``header`` (bytes) and 64 zero bytes of data."""
-    return len(header).to_bytes(8, 'little') + header + bytes(64)
+    """A store file's bytes with the JSON ``header`` (bytes) and 4 rows of ones (float32) as data."""
+    return len(header).to_bytes(8, 'little') + header + np.ones((4, D), np.float32).tobytes()
+
+
+def store_header(shape, offsets, dtype='F32'):
+    return store_file(json.dumps({'embeddings': {'dtype': dtype, 'shape': shape, 'data_offsets': offsets}}).encode())
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts open files in /proc/self/fd')
-@pytest.mark.parametrize('content', [store_file(b'[' * 100_000)], ids=['header nested past the JSON parser'])
+@pytest.mark.parametrize('content', [
+    store_file(b'[' * 100_000), store_header([4, D], [-10 ** 6, 4 * D * 4 - 10 ** 6]),
+    store_header([2.5, D], [0, 4 * D * 4]), store_header([-2, D], [0, 4 * D * 4]),
+    store_header([4, D], [0, 2 * D * 4]), store_header([4, D], [0, 4 * D * 4], 'F16')],
+    ids=['header nested past the JSON parser', 'negative offset', 'fractional rows', 'negative rows',
+         'offsets not matching the shape', 'offsets not matching the dtype'])
 def test_bad_file_in_a_batch_is_a_one_line_error_and_leaks_no_file(tmp_path, content):
     """A bad file among good ones: the batch raises the error naming its CSV row, on one line, and every
     file the batch opened is closed again."""

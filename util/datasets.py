@@ -55,7 +55,12 @@ def read_store_header(fd):
     info = header['embeddings']
     if info['dtype'] not in STORE_DTYPES:
         raise ValueError(f'unsupported dtype {info["dtype"]}')
-    return STORE_DTYPES[info['dtype']], tuple(info['shape']), 8 + n + int(info['data_offsets'][0])
+    dtype, shape, (begin, end) = STORE_DTYPES[info['dtype']], info['shape'], info['data_offsets']
+    if not (all(type(v) is int and v >= 0 for v in (*shape, begin, end))
+            and end - begin == math.prod(shape) * dtype.itemsize):
+        raise ValueError(f'"embeddings" of shape {shape} and dtype {info["dtype"]} does not fit its byte range '
+                         f'{info["data_offsets"]}')
+    return dtype, tuple(shape), 8 + n + begin
 
 
 class VideoRows:
