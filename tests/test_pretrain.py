@@ -1,4 +1,5 @@
 """Pretraining: dataset rules, bad input, training, torchrun equivalence, resume, NaN stop."""
+import errno
 import json
 import os
 import subprocess
@@ -213,6 +214,19 @@ def test_bad_file_in_a_batch_is_a_one_line_error_and_leaks_no_file(tmp_path, con
             ds.__getitems__([0, 1, 2, 3, 4])
         assert str(e.value).startswith(f'{csv} row 3 (video combined_2): ') and '\n' not in str(e.value)
     assert open_files() == before
+
+
+def test_read_failure_names_the_row(tmp_path, monkeypatch):
+    """An I/O error while reading a window's rows (a failing disk or network file system)."""
+    csv = make_csv(str(tmp_path), [20])
+    row = read_csv(csv)[0]
+
+    def failing(fd, buffers, offset):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    with VideoRows(row, D, csv) as v:
+        monkeypatch.setattr(os, 'preadv', failing)
+        with pytest.raises(EmbeddingError, match=f'{csv} row 1 .*: .*unreadable embedding file .*Input/output error'):
+            v.read(3, 9)
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts open files in /proc/self/fd')

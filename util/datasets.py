@@ -120,7 +120,10 @@ class VideoRows:
         # the rows as stored (float16 by default), converted to float32 in ``out``
         rows = torch.empty((stop - start, self.dim), dtype=self.dtype)
         size, row_bytes = rows.nbytes, self.dim * rows.element_size()
-        got = os.preadv(self._fd, [rows.view(torch.uint8).numpy()], self.offset + start * row_bytes) if size else 0
+        try:
+            got = os.preadv(self._fd, [rows.view(torch.uint8).numpy()], self.offset + start * row_bytes) if size else 0
+        except OSError as e:
+            raise self._error(f'{source}: unreadable embedding file ({e})') from None
         if got != size:
             raise self._error(f'{source}: unreadable embedding file (truncated: rows {start}-{stop} missing)')
         emb = rows.float() if out is None else out.copy_(rows)
