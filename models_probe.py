@@ -119,7 +119,8 @@ def make_head(probe, dim, num_outputs, head_num_heads=8, prepend_cls=False, copi
 
 def per_copy_parameters(head):
     """For each copy ``g``, its parameters as leaf views of slice ``g`` of the stacked parameters; after
-    each backward pass, slice ``g`` of the stacked gradient becomes their ``.grad`` (the stacked
+    each backward pass, slice ``g`` of the stacked gradient becomes their ``.grad``, or is added to it
+    (backward passes accumulate, as into ``.grad``, until the optimiser's ``zero_grad``; the stacked
     ``.grad`` is then cleared). An optimiser with one parameter group per copy (each with its own
     learning rate and weight decay) thus updates the stacked parameters in place, without copies."""
     params = list(head.parameters())
@@ -127,7 +128,11 @@ def per_copy_parameters(head):
 
     def hand_over(i, p):
         for g in range(head.copies):
-            views[g][i].grad = p.grad[g]
+            view = views[g][i]
+            if view.grad is None:
+                view.grad = p.grad[g]
+            else:
+                view.grad.add_(p.grad[g])
         p.grad = None
 
     for i, p in enumerate(params):

@@ -1,4 +1,5 @@
 """Pretraining: dataset rules, bad input, training, torchrun equivalence, resume, NaN stop."""
+import errno
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import main_pretrain
 import models_lvmae
+import util.datasets
 import util.misc as misc
 from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from util.datasets import PretrainDataset, VideoRows, collate_built, tile_short
@@ -178,6 +180,67 @@ def test_window_read_errors_name_the_row(tmp_path):
     open(path, 'wb').write(b'junk')
     with pytest.raises(EmbeddingError, match='x.csv row 4.*unreadable embedding file'):
         VideoRows(row, D, 'x.csv')
+
+
+def open_files():
+    return len(os.listdir('/proc/self/fd'))
+
+
+def store_file(header):
+    """A store file's bytes with the JSON ``header`` (bytes) and 4 rows of ones (float32) as data."""
+    return len(header).to_bytes(8, 'little') + header + np.ones((4, D), np.float32).tobytes()
+
+
+def store_header(shape, offsets, dtype='F32'):
+    return store_file(json.dumps({'embeddings': {'dtype': dtype, 'shape': shape, 'data_offsets': offsets}}).encode())
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts open files in /proc/self/fd')
+@pytest.mark.parametrize('content', [
+    store_file(b'[' * 100_000), store_header([4, D], [-10 ** 6, 4 * D * 4 - 10 ** 6]),
+    store_header([2.5, D], [0, 4 * D * 4]), store_header([-2, D], [0, 4 * D * 4]),
+    store_header([4, D], [0, 2 * D * 4]), store_header([4, D], [0, 4 * D * 4], 'F16')],
+    ids=['header nested past the JSON parser', 'negative offset', 'fractional rows', 'negative rows',
+         'offsets not matching the shape', 'offsets not matching the dtype'])
+def test_bad_file_in_a_batch_is_a_one_line_error_and_leaks_no_file(tmp_path, content):
+    """A bad file among good ones: the batch raises the error naming its CSV row, on one line, and every
+    file the batch opened is closed again."""
+    csv = make_csv(str(tmp_path), [20] * 5)
+    open(os.path.join(str(tmp_path), pd.read_csv(csv).embedding_path[2]), 'wb').write(content)
+    ds = PretrainDataset(csv, D, 16, 0.5, train=False)
+    before = open_files()
+    for _ in range(3):
+        with pytest.raises(EmbeddingError, match='unreadable embedding file') as e:
+            ds.__getitems__([0, 1, 2, 3, 4])
+        assert str(e.value).startswith(f'{csv} row 3 (video combined_2): ') and '\n' not in str(e.value)
+    assert open_files() == before
+
+
+def test_read_failure_names_the_row(tmp_path, monkeypatch):
+    """An I/O error while reading a window's rows (a failing disk or network file system)."""
+    csv = make_csv(str(tmp_path), [20])
+    row = read_csv(csv)[0]
+
+    def failing(fd, buffers, offset):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    with VideoRows(row, D, csv) as v:
+        monkeypatch.setattr(os, 'preadv', failing)
+        with pytest.raises(EmbeddingError, match=f'{csv} row 1 .*: .*unreadable embedding file .*Input/output error'):
+            v.read(3, 9)
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts open files in /proc/self/fd')
+def test_file_is_closed_whatever_stops_the_header_read(tmp_path, monkeypatch):
+    csv = make_csv(str(tmp_path), [20])
+    row = read_csv(csv)[0]
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(util.datasets, 'read_store_header', interrupted)
+    before = open_files()
+    with pytest.raises(KeyboardInterrupt):
+        VideoRows(row, D, csv)
+    assert open_files() == before
 
 
 def sample_as_before(ds, index):

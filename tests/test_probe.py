@@ -172,6 +172,31 @@ def test_copies_start_equal_and_train_apart_as_single_heads():
         assert all(p.grad is None for p in grid.parameters())   # handed over to the copies
 
 
+def test_copies_gradients_accumulate_over_backward_passes():
+    """As ``.grad`` does: two backward passes before a step (gradient accumulation) add up, here to the
+    gradient of the whole batch; the optimiser's ``zero_grad`` clears them."""
+    torch.manual_seed(0)
+    x, lengths, y = torch.randn(4, 5, D), torch.tensor([5, 2, 1, 4]), torch.tensor([0, 1, 2, 0])
+    for head in (APHead(D, 3, num_heads=4, copies=2), LPHead(D, 3, copies=2)):
+        views = per_copy_parameters(head)
+        opt = torch.optim.Adam([{'params': v} for v in views])
+
+        def loss(b):
+            out = head(x[b], lengths[b]).transpose(1, 2)
+            return F.cross_entropy(out, y[b].expand(2, -1), reduction='none').sum(1).sum() / len(x)
+
+        loss(slice(None)).backward()
+        whole = [[v.grad.clone() if v.grad is not None else None for v in vs] for vs in views]
+        opt.zero_grad()
+        assert all(v.grad is None for vs in views for v in vs)
+        loss(slice(0, 2)).backward()
+        loss(slice(2, 4)).backward()
+        for vs, ws in zip(views, whole):
+            for v, w in zip(vs, ws):
+                assert (v.grad is None) == (w is None)
+                if w is not None:
+                    torch.testing.assert_close(v.grad, w, rtol=1e-5, atol=1e-6)
+
 def test_mix_task_ap_lp_keep_class_ids(data):
     ap = run(data, 'ap', 'mix', '--resume', data['release'], '--lr', '1e-3')
     lp = run(data, 'lp', 'mix', '--baseline', 'raw', '--lr', '1e-2', '--epochs', '15')

@@ -55,7 +55,12 @@ def read_store_header(fd):
     info = header['embeddings']
     if info['dtype'] not in STORE_DTYPES:
         raise ValueError(f'unsupported dtype {info["dtype"]}')
-    return STORE_DTYPES[info['dtype']], tuple(info['shape']), 8 + n + int(info['data_offsets'][0])
+    dtype, shape, (begin, end) = STORE_DTYPES[info['dtype']], info['shape'], info['data_offsets']
+    if not (all(type(v) is int and v >= 0 for v in (*shape, begin, end))
+            and end - begin == math.prod(shape) * dtype.itemsize):
+        raise ValueError(f'"embeddings" of shape {shape} and dtype {info["dtype"]} does not fit its byte range '
+                         f'{info["data_offsets"]}')
+    return dtype, tuple(shape), 8 + n + begin
 
 
 class VideoRows:
@@ -83,9 +88,12 @@ class VideoRows:
         except KeyError:
             self.close()
             raise self._error(f'{source}: no "embeddings" tensor in file') from None
-        except (OSError, ValueError, TypeError, IndexError) as e:
+        except (OSError, ValueError, TypeError, IndexError, RecursionError) as e:
             self.close()
             raise self._error(f'{source}: unreadable embedding file ({e})') from None
+        except BaseException:   # the file is open: a bare descriptor, which nothing else would close
+            self.close()
+            raise
         if len(shape) != 2 or shape[0] == 0:
             self.close()
             raise self._error(f'{source}: expected a [N, D] array with N >= 1, got shape {shape}')
@@ -112,7 +120,10 @@ class VideoRows:
         # the rows as stored (float16 by default), converted to float32 in ``out``
         rows = torch.empty((stop - start, self.dim), dtype=self.dtype)
         size, row_bytes = rows.nbytes, self.dim * rows.element_size()
-        got = os.preadv(self._fd, [rows.view(torch.uint8).numpy()], self.offset + start * row_bytes) if size else 0
+        try:
+            got = os.preadv(self._fd, [rows.view(torch.uint8).numpy()], self.offset + start * row_bytes) if size else 0
+        except OSError as e:
+            raise self._error(f'{source}: unreadable embedding file ({e})') from None
         if got != size:
             raise self._error(f'{source}: unreadable embedding file (truncated: rows {start}-{stop} missing)')
         emb = rows.float() if out is None else out.copy_(rows)
