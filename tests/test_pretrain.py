@@ -162,6 +162,18 @@ def test_window_read_equals_slicing_the_full_load(tmp_path, dtype):
         assert torch.equal(w.read(3, 11), load_row(legacy_row, D)[3:11])
 
 
+def test_bfloat16_store_from_another_tool_reads_the_same_every_way(tmp_path):
+    from safetensors.torch import save_file
+    path = str(tmp_path / 'v.safetensors')
+    emb = torch.nn.functional.normalize(torch.randn(30, D), dim=-1).bfloat16()
+    save_file({'embeddings': emb, 'starts': torch.arange(30.).double(), 'ends': torch.arange(1, 31.).double()}, path)
+    row = {'video_id': 'v', 'row': 1, 'source': path}
+    full = load_row(row, D)
+    torch.testing.assert_close(full, torch.nn.functional.normalize(emb.float(), dim=-1), rtol=0, atol=0)
+    with VideoRows(row, D) as v:
+        assert torch.equal(v.read(4, 17), full[4:17])
+
+
 def test_window_read_errors_name_the_row(tmp_path):
     folder = str(tmp_path)
     emb = np.random.default_rng(0).standard_normal((50, D))
@@ -214,6 +226,22 @@ def test_bad_file_in_a_batch_is_a_one_line_error_and_leaks_no_file(tmp_path, con
             ds.__getitems__([0, 1, 2, 3, 4])
         assert str(e.value).startswith(f'{csv} row 3 (video combined_2): ') and '\n' not in str(e.value)
     assert open_files() == before
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts open files in /proc/self/fd')
+def test_a_batch_holds_one_file_open_at_a_time(tmp_path, monkeypatch):
+    """Each file is closed once its window is read: a batch far larger than the open-file limit is fine."""
+    csv = make_csv(str(tmp_path), [20] * 6)
+    ds = PretrainDataset(csv, D, 16, 0.5)
+    before, most = open_files(), [0]
+    real = os.preadv
+
+    def counting(*a):
+        most[0] = max(most[0], open_files() - before)
+        return real(*a)
+    monkeypatch.setattr(os, 'preadv', counting)
+    x, lengths, _ = ds.__getitems__(list(range(6)) * 50)
+    assert most[0] == 1 and open_files() == before and x.shape[0] == 300
 
 
 def test_read_failure_names_the_row(tmp_path, monkeypatch):

@@ -125,6 +125,7 @@ def timm_reference(head, g):
             x, lengths = torch.cat([head.p['cls_token'][g].expand(len(x), 1, -1), x], 1), lengths + 1
         mask = (torch.arange(x.shape[1])[None] < lengths[:, None])[:, None, None, :]
         return lin(norm(block(x, attn_mask=mask)[:, 0]))
+    forward.params = params
     return forward
 
 
@@ -139,6 +140,24 @@ def test_ap_head_copies_equal_timm_block_at_cls(prepend_cls):
     assert out.shape == (3, 4, 3)
     for g in range(3):
         torch.testing.assert_close(out[g], timm_reference(head, g)(x, lengths), rtol=1e-5, atol=1e-5)
+
+
+def test_ap_head_starts_as_the_timm_modules_it_stands_for():
+    """Every copy starts from the weights the timm modules (block, norm, classifier, then the CLS token)
+    get from the same seed: the released probe's initialisation."""
+    from timm.models.vision_transformer import Block
+    torch.manual_seed(0)
+    head = APHead(D, 3, num_heads=8, prepend_cls=True, copies=2)
+    torch.manual_seed(0)
+    block = Block(D, 8, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    norm, lin = torch.nn.LayerNorm(D, eps=1e-6), torch.nn.Linear(D, 3)
+    cls = torch.nn.init.normal_(torch.zeros(1, D), std=.02)
+    for g in range(2):
+        ref = timm_reference(head, g)   # the copy's weights, put back into timm's layout
+        assert torch.equal(head.p['cls_token'][g], cls[0])
+        for name, p in [*block.named_parameters(), *(('norm.' + n, p) for n, p in norm.named_parameters()),
+                        *(('head.' + n, p) for n, p in lin.named_parameters())]:
+            assert torch.equal(ref.params[name.replace('.', '_')], p), name
 
 
 def test_copies_start_equal_and_train_apart_as_single_heads():

@@ -13,7 +13,6 @@ The dataset builds whole batches (``__getitems__``, which a DataLoader calls): o
 are read from a store file, straight into the sample's slot of the padded batch, and normalised there;
 the result is the same as loading the whole video, slicing it and padding the samples.
 """
-import contextlib
 import json
 import math
 import os
@@ -67,15 +66,18 @@ class VideoRows:
     """One CSV row's video, opened for reading a range of its segments: ``len(v)`` is its number of
     segments (from the store file's header, or the length of a legacy ``segment_paths`` list) and
     ``v.read(start, stop)`` the float32 unit-norm rows ``[stop - start, D]``, equal to
-    ``load_row(row)[start:stop]``; only those rows are read from the file. ``v.read(start, stop, out)``
-    writes them into ``out`` (float32, ``[stop - start, D]``, rows contiguous: e.g. a sample's slot of a
-    batch) and returns it. Use as a context manager; errors name the CSV row."""
+    ``load_row(row)[start:stop]``; only those rows are read from the file. In two steps:
+    ``v.finish(v.read_raw(start, stop), out)``, where ``read_raw`` only reads (the file can then be
+    closed) and ``finish`` converts and normalises into ``out`` (float32, ``[stop - start, D]``, rows
+    contiguous: e.g. a sample's slot of a batch; None: a new tensor) and returns it. Use as a context
+    manager; errors name the CSV row."""
 
     def __init__(self, row, input_size=None, csv_path=None):
         self.row, self.input_size, self.csv_path = row, input_size, csv_path
         self._fd = None
         source = row['source']
-        if isinstance(source, list):
+        self.legacy = isinstance(source, list)
+        if self.legacy:
             self.n = len(source)
             if self.n == 0:
                 raise self._error('empty segment_paths list')
@@ -110,14 +112,16 @@ class VideoRows:
         return self.n
 
     def read(self, start, stop, out=None):
+        return self.finish(self.read_raw(start, stop), out)
+
+    def read_raw(self, start, stop):
+        """Rows ``start:stop`` as stored (float16 by default); in the legacy layout the finished rows."""
         source = self.row['source']
-        if self._fd is None:
+        if self.legacy:
             try:
-                emb = load_legacy_segments(source[start:stop], self.input_size)
+                return load_legacy_segments(source[start:stop], self.input_size)
             except EmbeddingError as e:
                 raise self._error(str(e)) from None
-            return emb if out is None else out.copy_(emb)
-        # the rows as stored (float16 by default), converted to float32 in ``out``
         rows = torch.empty((stop - start, self.dim), dtype=self.dtype)
         size, row_bytes = rows.nbytes, self.dim * rows.element_size()
         try:
@@ -126,6 +130,12 @@ class VideoRows:
             raise self._error(f'{source}: unreadable embedding file ({e})') from None
         if got != size:
             raise self._error(f'{source}: unreadable embedding file (truncated: rows {start}-{stop} missing)')
+        return rows
+
+    def finish(self, rows, out=None):
+        """``rows`` of ``read_raw`` as float32 unit-norm rows, written into ``out`` if given."""
+        if self.legacy:
+            return rows if out is None else out.copy_(rows)
         emb = rows.float() if out is None else out.copy_(rows)
         # F.normalize(emb, dim=-1), written out so that the norms also serve the check: a NaN/inf value
         # makes its row's norm NaN/inf, an all-zero row has norm 0; only then run the full check
@@ -133,7 +143,7 @@ class VideoRows:
         lo, hi = (float(v) for v in torch.aminmax(norm))
         if not (lo > 0 and hi < float('inf')):   # also when NaN
             try:
-                _check(emb, source, self.input_size)
+                _check(emb, self.row['source'], self.input_size)
             except EmbeddingError as e:
                 raise self._error(str(e)) from None
         return emb.div_(norm.clamp_min_(1e-12))
@@ -219,19 +229,18 @@ class PretrainDataset(torch.utils.data.Dataset):
         start = int(rng.integers(0, n_video - n + 1))
         return start, start + n
 
-    def _draw(self, index, files):
-        """Sample ``index``'s video (opened, its closing left to the ExitStack ``files``), window and
-        noise: ``(video, start, stop, length, noise)``, ``length`` the sample's number of rows (the window
+    def _draw(self, index):
+        """Sample ``index``'s video (closed again), the window's rows as read (``VideoRows.read_raw``) and
+        the noise: ``(video, rows, length, noise)``, ``length`` the sample's number of rows (the window
         tiled and cut to num_patches), ``noise`` float64 numpy ``[length]``."""
         rng = np.random.default_rng([self.seed, self.epoch, index] if self.train else [self.seed, index])
         for _ in range(100):
             csv, row = self.rows[index]
-            video = files.enter_context(VideoRows(row, self.input_size, csv))
-            if int(len(video) * (1 - self.mask_ratio)) >= 1:
-                start, stop = self._window(len(video), rng)
-                length = min((stop - start) * tile_count(len(video)), self.num_patches)
-                return video, start, stop, length, rng.random(length)
-            video.close()
+            with VideoRows(row, self.input_size, csv) as video:
+                if int(len(video) * (1 - self.mask_ratio)) >= 1:
+                    start, stop = self._window(len(video), rng)
+                    length = min((stop - start) * tile_count(len(video)), self.num_patches)
+                    return video, video.read_raw(start, stop), length, rng.random(length)
             index = int(rng.integers(len(self.rows)))
         raise EmbeddingError(f'no video keeps a visible token at --mask_ratio {self.mask_ratio} after 100 draws')
 
@@ -241,21 +250,20 @@ class PretrainDataset(torch.utils.data.Dataset):
         value, so padding is never chosen to be kept); ``L`` is the longest sample rounded up to a
         multiple of ``pad_multiple``, but not past ``num_patches``. ``x[i, :lengths[i]]`` and
         ``noise[i, :lengths[i]]`` are ``self[indices[i]]``. In a DataLoader worker ``x`` and ``noise``
-        are in shared memory. The batch's files stay open while it is built (one per sample)."""
-        with contextlib.ExitStack() as files:
-            samples = [self._draw(int(i), files) for i in indices]
-            lengths = torch.tensor([s[3] for s in samples], dtype=torch.long)
-            m = self.pad_multiple
-            L = min(-(-int(lengths.max()) // m) * m, self.num_patches)   # every length is <= num_patches
-            x = empty_batch((len(samples), L, self.input_size))
-            noise = empty_batch((len(samples), L)).fill_(1)
-            for i, (video, start, stop, n, nz) in enumerate(samples):
-                if n == stop - start:
-                    video.read(start, stop, x[i, :n])
-                else:   # a very short video, tiled (a few rows)
-                    x[i, :n] = tile_short(video.read(start, stop), len(video))[:n]
-                x[i, n:].zero_()
-                noise[i, :n] = torch.from_numpy(nz)
+        are in shared memory. Each file is open only while its window is read."""
+        samples = [self._draw(int(i)) for i in indices]
+        lengths = torch.tensor([s[2] for s in samples], dtype=torch.long)
+        m = self.pad_multiple
+        L = min(-(-int(lengths.max()) // m) * m, self.num_patches)   # every length is <= num_patches
+        x = empty_batch((len(samples), L, self.input_size))
+        noise = empty_batch((len(samples), L)).fill_(1)
+        for i, (video, rows, n, nz) in enumerate(samples):
+            if n == len(rows):
+                video.finish(rows, x[i, :n])
+            else:   # a very short video, tiled (a few rows)
+                x[i, :n] = tile_short(video.finish(rows), len(video))[:n]
+            x[i, n:].zero_()
+            noise[i, :n] = torch.from_numpy(nz)
         return x, lengths, noise
 
     def __getitem__(self, index):

@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save
+from safetensors.numpy import save
+from safetensors.torch import load_file
 from safetensors import safe_open
 
 from util.errors import InputError
@@ -133,11 +134,11 @@ def load_video_embeddings(path, input_size=None, with_times=False):
         raise EmbeddingError(f'{path}: unreadable embedding file ({e})') from None
     if 'embeddings' not in arrays:
         raise EmbeddingError(f'{path}: no "embeddings" tensor in file')
-    emb = torch.from_numpy(arrays['embeddings'].astype(np.float32))
+    emb = arrays['embeddings'].float()
     _check(emb, path, input_size)
     emb = F.normalize(emb, dim=-1)
     if with_times:
-        return emb, torch.from_numpy(arrays['starts']), torch.from_numpy(arrays['ends'])
+        return emb, arrays['starts'], arrays['ends']
     return emb
 
 
