@@ -122,7 +122,8 @@ def per_copy_parameters(head):
     each backward pass, slice ``g`` of the stacked gradient becomes their ``.grad``, or is added to it
     (backward passes accumulate, as into ``.grad``, until the optimiser's ``zero_grad``; the stacked
     ``.grad`` is then cleared). An optimiser with one parameter group per copy (each with its own
-    learning rate and weight decay) thus updates the stacked parameters in place, without copies."""
+    learning rate and weight decay) thus updates the stacked parameters in place, without copies. Call it
+    once per head; clear the gradients with the optimiser's ``zero_grad``."""
     params = list(head.parameters())
     views = [[p.detach()[g] for p in params] for g in range(head.copies)]
 
