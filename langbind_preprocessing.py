@@ -30,7 +30,7 @@ from util.embeddings import EmbeddingError, is_complete, same_encoder, save_vide
 from util.errors import InputError, run_main
 from util.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
 from util.frames import NUM_FRAMES, DecodeError, decode_segments
-from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder
+from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder, video_modules
 from util.misc import default_device
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -284,8 +284,8 @@ def main(args):
         f'{skipped} already complete, {len(jobs)} to do ({sum(len(j["segments"]) for j in jobs)} segments) '
         f'on {device}')
 
+    video_modules()  # the model's code first; then the workers decode while its weights load
     start, first = time.time(), []  # work time: from here (decoding starts) to the last file written
-    # the workers start decoding first, then the model's code is imported and its weights loaded
     loader = iter(DataLoader(SegmentFrames(jobs, CHUNK), batch_size=None, num_workers=args.num_workers))
     encoder = load_encoder(args.model_path, args.random_init).to(device)
     model_load_s = time.time() - start
