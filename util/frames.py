@@ -24,6 +24,7 @@ import math
 from collections import defaultdict
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -75,10 +76,12 @@ def _frame_keys(container, stream, rate):
     return list(range(len(pts))), [i / rate for i in range(len(pts))], len(pts) / rate, False
 
 
-def _rgb(frame):
+def _rgb(frame, reformatter):
     """``[H, W, 3]`` uint8 of a decoded frame, turned upright when the file carries a rotation (a
-    display matrix, as phones write), as FFmpeg's command line does by default."""
-    rgb = frame.reformat(format='rgb24')  # then one view of its plane: faster than to_ndarray
+    display matrix, as phones write), as FFmpeg's command line does by default. ``reformatter``: one
+    ``VideoReformatter`` per video, which keeps its conversion context from frame to frame
+    (``frame.reformat`` builds a new one for every frame: 8x slower at 480x270)."""
+    rgb = reformatter.reformat(frame, format='rgb24')  # then one view of its plane
     plane = rgb.planes[0]
     x = np.frombuffer(plane, np.uint8).reshape(rgb.height, plane.line_size)[:, :rgb.width * 3]
     x = np.ascontiguousarray(x).reshape(rgb.height, rgb.width, 3)
@@ -151,6 +154,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         missing = [num] * len(spans)
         done = nxt = decoded = converted = 0
         skip = skip and by_pts and stream.codec_context.name in SKIP_NONREF_CODECS
+        reformatter = VideoReformatter()
         try:
             container.seek(0)
             if threads > 1:
@@ -163,7 +167,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
                 x = None
                 while nxt < len(todo) and todo[nxt] <= key:  # < key: the decoder dropped it, take the next
                     if x is None:
-                        x = transform(_rgb(frame)[None])[:, 0]
+                        x = transform(_rgb(frame, reformatter)[None])[:, 0]
                         converted += 1
                     for k, slot in wanted[todo[nxt]]:
                         if buffers[k] is None:
