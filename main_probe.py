@@ -26,7 +26,7 @@ from util.embeddings import EmbeddingError
 from util.errors import InputError
 from util.features import FEATURE_DTYPES, Featurizer, Items, NonFiniteError, has_embeddings, load_split
 from util.fileio import FolderLock
-from util.misc import default_device
+from util.misc import default_device, keep_freed_memory
 from util.results import classification_avg, write_results
 from util.tasks import GROUPS, SPLITS, expand_tasks, get_task
 
@@ -290,6 +290,8 @@ def run_task(args, name, spec, cache_dir, in_group=False, log_file=None):
 def main(args):
     check_args(args)
     args.device = default_device(args.device)
+    if args.device == 'cpu':
+        keep_freed_memory()   # the heads' large gradients are reused, not faulted in again every step
     names = expand_tasks(args.task)
     in_group = len(names) > 1
     lock = FolderLock(args.output_dir, 'probe run')

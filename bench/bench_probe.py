@@ -27,6 +27,7 @@ import engine_probe as ep  # noqa: E402
 import main_probe as mp  # noqa: E402
 from models_lvmae import LVMAE  # noqa: E402
 from util.features import Featurizer, Items  # noqa: E402
+from util.misc import keep_freed_memory  # noqa: E402
 from util.tasks import Task  # noqa: E402
 
 
@@ -57,6 +58,8 @@ def main():
     if args.quick:
         args.num_videos, args.depth, args.epochs, args.uncached_epochs = 200, 1, 3, 1
     n_unc = min(args.uncached_epochs or args.epochs, args.epochs)
+    if args.device == 'cpu':
+        keep_freed_memory()   # as main_probe.py does
 
     gen = torch.Generator().manual_seed(0)
     raw = {s: synthetic_split(n, args, gen) for s, n in
