@@ -2,9 +2,9 @@
 
 One call of ``train_seed`` trains, for one task and one seed, the head of every (learning rate,
 weight decay) combination of the run side by side (the copies of one ``models_probe`` head: one
-batched pass over each batch for all of them; one combination is the ordinary single-head probe). Each head is
-evaluated on val and test after every epoch and keeps the test score of its epoch with the best val
-score, the later epoch on ties (the original release's rule). The orchestration (tasks, seeds,
+batched pass over each batch for all of them; one combination is the ordinary single-head probe).
+Each head is evaluated on val and test after every epoch and keeps the test score of its epoch with
+the best val score, the later epoch on ties (the original release's rule). The orchestration (tasks, seeds,
 encoder, feature cache, results) is in ``main_probe.py``.
 """
 import json
@@ -89,7 +89,7 @@ def train_seed(args, task, data, dim, featurizer, seed, combos=None, log_writer=
     groups = [{'params': params, 'lr': lr, 'weight_decay': wd}
               for params, (lr, wd) in zip(per_copy_parameters(grid), combos)]
     opt = torch.optim.Adam(groups, amsgrad=not args.no_amsgrad,
-                           fused=torch.device(device).type in ('cpu', 'cuda'))  # one kernel for all parameters
+                           fused=torch.device(device).type in ('cpu', 'cuda'))  # one kernel per copy
     sched = make_scheduler(opt, args)
     gen = torch.Generator().manual_seed(seed)
     train = data['train']

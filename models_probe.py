@@ -59,7 +59,8 @@ a query, so it cancels in the softmax and gets no gradient).
         self.num_heads, self.copies, self.prepend_cls = num_heads, copies, prepend_cls
         block = Block(dim, num_heads, mlp_ratio=4., qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         modules = {'': block, 'norm.': nn.LayerNorm(dim, eps=1e-6), 'head.': nn.Linear(dim, num_outputs)}
-        params = {prefix.replace('.', '_') + k: p for prefix, m in modules.items() for k, p in stacked(m, copies).items()}
+        params = {prefix.replace('.', '_') + k: p
+                  for prefix, m in modules.items() for k, p in stacked(m, copies).items()}
         for kind in ('weight', 'bias'):
             for part, value in zip('qkv', params.pop(f'attn_qkv_{kind}').chunk(3, dim=1)):
                 params[f'attn_{part}_{kind}'] = nn.Parameter(value.clone())
