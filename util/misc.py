@@ -237,7 +237,9 @@ def keep_freed_memory():
     allocation above a few MB to ``mmap`` and returns it to the system when freed, so each new large
     tensor (a CPU step's activations and gradients: 16 to 100 MB each for probe heads of width 1,024)
     is faulted in page by page again. ``mallopt`` keeps them in the heap instead (no mmap, trimming
-    only above 1 GiB free). Numerics are unchanged. Returns whether it applied; elsewhere a no-op."""
+    only above 1 GiB free): after a few steps the heap has settled and the same memory serves every
+    step (the process keeps its peak heap). Numerics are unchanged. Returns whether it applied;
+    elsewhere a no-op."""
     import ctypes
     import platform
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
