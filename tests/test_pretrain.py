@@ -15,7 +15,7 @@ import main_pretrain
 import models_lvmae
 import util.datasets
 import util.misc as misc
-from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from util.checkpoint import CheckpointError, load_checkpoint
 from util.datasets import PretrainDataset, VideoRows, collate_built, tile_short
 from util.embeddings import EmbeddingError, embedding_path, load_row, read_csv, save_video_embeddings
 from util.errors import InputError
