@@ -345,14 +345,17 @@ def measure_memory(args, length):
 
 class WholeFileDataset(PretrainDataset):
     """The loader as it was: read and normalise the whole video's file, then cut the window, sample by
-    sample; a batch is the samples copied into the padded batch (the same samples and batches as
-    ``PretrainDataset``, train mode)."""
+    sample; a batch is the samples copied into the batch padded to the longest, rounded up to
+    ``pad_multiple`` but not past ``num_patches`` (the same samples and batches as ``PretrainDataset``;
+    tests/test_pretrain.py checks that byte for byte)."""
 
     def __getitems__(self, indices):
         samples = [self[i] for i in indices]
         lengths = torch.tensor([x.shape[0] for x, _ in samples])
-        x = torch.empty(len(samples), int(lengths.max()), samples[0][0].shape[1])
-        noise = torch.ones(len(samples), int(lengths.max()))
+        longest, m = int(lengths.max()), self.pad_multiple
+        L = max(min(-(-longest // m) * m, self.num_patches), longest)
+        x = torch.empty(len(samples), L, samples[0][0].shape[1])
+        noise = torch.ones(len(samples), L)
         for i, (xi, nz) in enumerate(samples):
             x[i, :xi.shape[0]] = xi
             x[i, xi.shape[0]:] = 0
@@ -360,7 +363,7 @@ class WholeFileDataset(PretrainDataset):
         return x, lengths, noise
 
     def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, self.epoch, index] if self.train else [self.seed, index])
         for _ in range(100):
             csv, row = self.rows[index]
             emb = load_row(row, self.input_size, csv)

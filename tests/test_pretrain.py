@@ -1,5 +1,6 @@
 """Pretraining: dataset rules, bad input, training, torchrun equivalence, resume, NaN stop."""
 import errno
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +21,10 @@ from util.datasets import PretrainDataset, VideoRows, collate_built, tile_short
 from util.embeddings import EmbeddingError, embedding_path, load_row, read_csv, save_video_embeddings
 from util.errors import InputError
 from util.fileio import FolderLock
+
+spec = importlib.util.spec_from_file_location('bench_pretrain', os.path.join(ROOT, 'bench', 'bench_pretrain.py'))
+bench_pretrain = importlib.util.module_from_spec(spec)   # its WholeFileDataset: the loader as it was
+spec.loader.exec_module(bench_pretrain)
 
 D = 32
 TINY = ['--input_size', str(D), '--depth', '2', '--num_heads', '2', '--decoder_embed_dim', '16',
@@ -271,32 +276,6 @@ def test_file_is_closed_whatever_stops_the_header_read(tmp_path, monkeypatch):
     assert open_files() == before
 
 
-def sample_as_before(ds, index):
-    """Sample ``index`` of ``ds`` as the loader built it before batches were built in place: the whole
-    video loaded and normalised (``load_row``), the window cut, tiled, cut to num_patches."""
-    rng = np.random.default_rng([ds.seed, ds.epoch, index] if ds.train else [ds.seed, index])
-    while True:
-        csv, row = ds.rows[index]
-        emb = load_row(row, ds.input_size, csv)
-        if int(emb.shape[0] * (1 - ds.mask_ratio)) >= 1:
-            start, stop = ds._window(emb.shape[0], rng)
-            x = tile_short(emb[start:stop], emb.shape[0])[:ds.num_patches]
-            return x, torch.from_numpy(rng.random(x.shape[0])).float()
-        index = int(rng.integers(len(ds.rows)))
-
-
-def pad_as_before(samples, multiple=1, max_len=None):
-    """The collate as it was: per-item samples copied into the batch padded to the longest, rounded up
-    to ``multiple`` but not past ``max_len``; zeros past each length, noise 1 past each length."""
-    lengths = torch.tensor([x.shape[0] for x, _ in samples])
-    longest = int(lengths.max())
-    L = max(min(-(-longest // multiple) * multiple, max_len or float('inf')), longest)
-    x, noise = torch.zeros(len(samples), L, samples[0][0].shape[1]), torch.ones(len(samples), L)
-    for i, (xi, nz) in enumerate(samples):
-        x[i, :xi.shape[0]], noise[i, :nz.shape[0]] = xi, nz
-    return x, lengths, noise
-
-
 @pytest.fixture(scope='module')
 def mixed_csvs(tmp_path_factory):
     """Two CSVs: float16 and float32 store files of 1 to 300 segments (1 and 3: tiled), and videos in
@@ -328,20 +307,21 @@ def mixed_csvs(tmp_path_factory):
 @pytest.mark.parametrize('train,num_patches,multiple', [(True, 16, 1), (True, 8, 3), (True, 64, 32),
                                                         (False, 8, 1), (False, 20, 32), (True, 5, 32)])
 def test_batches_equal_per_item_samples_padded_as_before(mixed_csvs, train, num_patches, multiple):
-    """A batch built in place is byte for byte the per-item samples (whole video loaded, window cut,
-    tiled, cut to num_patches) padded as the collate did: windows, randomness, values, padding, the
+    """A batch built in place is byte for byte the loader as it was (bench/bench_pretrain.py's
+    ``WholeFileDataset``: whole video loaded, window cut, tiled, cut to num_patches, padded as the collate did): windows, randomness, values, padding, the
     rounding to ``multiple`` but not past num_patches; ``ds[i]`` is the same sample."""
-    ds = PretrainDataset(mixed_csvs, D, num_patches, 0.5, seed=2, train=train, pad_multiple=multiple)
+    ds, old = (cls(mixed_csvs, D, num_patches, 0.5, seed=2, train=train, pad_multiple=multiple)
+               for cls in (PretrainDataset, bench_pretrain.WholeFileDataset))
     for epoch in (0, 3):
         ds.set_epoch(epoch)
+        old.set_epoch(epoch)
         for indices in ([0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [1], [6, 0, 9]):
-            samples = [sample_as_before(ds, i) for i in indices]
             x, lengths, noise = ds.__getitems__(indices)
-            ref = pad_as_before(samples, multiple, num_patches)
+            ref = old.__getitems__(indices)
             assert x.dtype == ref[0].dtype and noise.dtype == ref[2].dtype and lengths.dtype == torch.long
             assert torch.equal(x, ref[0]) and torch.equal(lengths, ref[1]) and torch.equal(noise, ref[2])
-            for i, (xi, nz) in zip(indices, samples):
-                assert torch.equal(ds[i][0], xi) and torch.equal(ds[i][1], nz)
+            for i in indices:
+                assert torch.equal(ds[i][0], old[i][0]) and torch.equal(ds[i][1], old[i][1])
     # the cases: video 0 (1 segment) keeps no token at mask ratio 0.5 and is replaced; videos 1 and 8
     # (3 segments, store and legacy) and 7 (2 segments) are tiled 3 times, cut to num_patches below 9
     if not train:
