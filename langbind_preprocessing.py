@@ -13,14 +13,18 @@ listed in ``<embedding_dir>/failed_<job file name>.csv``, counted in the summary
     python langbind_preprocessing.py --video_path_file data/lvu_segments/paired_paths.json \
         --model_path checkpoints/LanguageBind_Video_Huge_V1.5_FT
 """
+import time
+
+STARTED = time.time()  # the summary's first_batch_s counts from here, the imports below included
+
 import argparse
+import csv
 import datetime
+import io
 import json
 import os
 import sys
-import time
 
-import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -28,9 +32,9 @@ from tqdm import tqdm
 
 from util.embeddings import EmbeddingError, is_complete, same_encoder, save_video_embeddings, store_encoder
 from util.errors import InputError, run_main
-from util.fileio import atomic_write, atomic_write_text, remove_stale_temporaries
+from util.fileio import atomic_write_text, remove_stale_temporaries
 from util.frames import NUM_FRAMES, DecodeError, decode_segments
-from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder, video_modules
+from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder
 from util.misc import default_device
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -190,6 +194,15 @@ def read_jobs(path):
     return spec, jobs
 
 
+def csv_text(failures):
+    """The failures file's text: a header row, then one row per failed video."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, FAILURE_COLUMNS, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(failures)
+    return out.getvalue()
+
+
 def failures_path(job_file, spec, jobs):
     """``failed_<job file name>.csv`` beside the outputs (the job file's embedding folder)."""
     folder = spec.get('embedding_dir') or (os.path.dirname(jobs[0]['output_path']) if jobs else '.')
@@ -270,7 +283,9 @@ def main(args):
     if device.type == 'cuda' and device.index is None:  # --device cuda under torchrun: this rank's GPU
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     dtype = DTYPES[args.dtype]
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # = use_deterministic_algorithms(True, warn_only=True), without importing torch.compile's config
+    # (2 s of start-up; nothing here is compiled)
+    torch.set_deterministic_debug_mode('warn')
     set_threads(device, args.threads)
     log = print if rank == 0 else (lambda *a, **k: None)
     spec, all_jobs = read_jobs(args.video_path_file)
@@ -284,7 +299,6 @@ def main(args):
         f'{skipped} already complete, {len(jobs)} to do ({sum(len(j["segments"]) for j in jobs)} segments) '
         f'on {device}')
 
-    video_modules()  # the model's code first; then the workers decode while its weights load
     start, first = time.time(), []  # work time: from here (decoding starts) to the last file written
     loader = iter(DataLoader(SegmentFrames(jobs, CHUNK), batch_size=None, num_workers=args.num_workers))
     encoder = load_encoder(args.model_path, args.random_init).to(device)
@@ -343,13 +357,13 @@ def main(args):
     failure_file = failures_path(args.video_path_file, spec, all_jobs)
     summary = {'jobs': n_jobs, 'already_complete': n_skip, 'written': n_written, 'failed': n_failed,
                'failures_file': failure_file, 'segments': n_seg, 'seconds': round(elapsed, 2),
-               'model_load_s': round(model_load_s, 2), 'first_batch_s': round(first[0] - entered, 2) if first else None,
+               'model_load_s': round(model_load_s, 2), 'first_batch_s': round(first[0] - STARTED, 2) if first else None,
                'total_s': round(time.time() - entered, 2),
                'segments_per_s': round(n_seg / elapsed, 2),
                'video_minutes_per_min': round(float(totals[5]) / (elapsed / 60), 2)}
     if rank == 0:
         failures.sort(key=lambda f: f['video_id'])
-        atomic_write(failure_file, lambda tmp: pd.DataFrame(failures, columns=FAILURE_COLUMNS).to_csv(tmp, index=False))
+        atomic_write_text(failure_file, csv_text(failures))
         for f in failures[:20]:
             print(f'FAILED {f["video_id"]}: {f["reason"]}')
         if args.end_job_file:

@@ -2,6 +2,7 @@
 code, and end-to-end runs on a hand-written job file (determinism, resume, bad videos)."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -14,7 +15,8 @@ import langbind_preprocessing as step3
 from util.errors import InputError
 from util.embeddings import load_video_embeddings, read_metadata, save_video_embeddings
 from util.frames import decode_segments, frame_indices
-from util.langbind import VideoEncoder, import_languagebind, load_encoder, load_languagebind
+from models_langbind import VideoConfig, VideoEncoder
+from util.langbind import RANDOM_CONFIGS, checkpoint_key, import_languagebind, load_encoder, package_model
 from util.synthetic import color_frames, rotate_in_header, write_video
 
 # video id -> (seconds, fps, (width, height), file name); windows of 5 s as step 1 cuts them
@@ -96,20 +98,120 @@ def test_window_frames_match_decord(library):
     assert frame_indices(50).tolist() == [0, 7, 14, 21, 28, 35, 42, 49]
 
 
-def test_embedding_matches_package(library, tmp_path):
-    model = load_languagebind(random_init='tiny')
-    x = torch.stack([x for _, x in decode_segments(str(library / 'a.mp4'), windows(12.3))])
+# architecture variants a checkpoint's config.json can select (the real Huge: 'vl', gelu, no LoRA)
+VARIANTS = {'vl': {}, 'vl_new+lora+gelu_new': dict(clip_type='vl_new', lora_r=2, hidden_act='gelu_new'),
+            'gelu': dict(hidden_act='gelu', lora_r=4)}
+
+
+def package_pair(variant):
+    """The package's model for a variant (LoRA's B made non-zero) and our encoder with its weights."""
+    config = VideoConfig(**{**RANDOM_CONFIGS['tiny'], **VARIANTS[variant]})
+    torch.manual_seed(1)
+    ref = package_model(config)
     with torch.no_grad():
-        ref = F.normalize(model.get_image_features(pixel_values=x), dim=-1)
-        ours = VideoEncoder(model)(x)
-        assert ours.shape == (3, 64)
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-        again = load_encoder(random_init='tiny')(x)  # fixed seed: same weights every time
-        assert torch.equal(again, ours)
-        model.save_pretrained(tmp_path / 'ckpt')  # a local checkpoint folder loads (shims applied)
-        torch.testing.assert_close(load_encoder(str(tmp_path / 'ckpt'))(x), ours, atol=1e-6, rtol=0)
+        for k, v in ref.state_dict().items():
+            if 'lora_B' in k:
+                v.normal_()
+    ours = VideoEncoder(config).eval()
+    weights = {checkpoint_key(k): v for k, v in ref.state_dict().items()}
+    ours.load_state_dict({k: weights[k] for k in ours.state_dict()})
+    return ref, ours
+
+
+@pytest.fixture(scope='module')
+def segments(library):
+    return torch.stack([x for _, x in decode_segments(str(library / 'a.mp4'), windows(12.3))])
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_encoder_equals_package(variant, segments):
+    """models_langbind.VideoEncoder computes what the package's model computes, to the bit."""
+    ref, ours = package_pair(variant)
+    with torch.no_grad():
+        expected = F.normalize(ref.get_image_features(pixel_values=segments), dim=-1)
+        assert torch.equal(ours(segments), expected)
+        assert not torch.equal(ours(segments.flip(2)), expected)  # the frames' order matters (temporal attention)
+
+
+def test_random_encoder_is_fixed_and_runs_in_the_package(segments):
+    ours = load_encoder(random_init='tiny')
+    assert torch.equal(load_encoder(random_init='tiny').state_dict()['visual_projection.weight'],
+                       ours.state_dict()['visual_projection.weight'])
+    ref = package_model(ours.config)
+    ref.load_state_dict(ours.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.equal(ours(segments), F.normalize(ref.get_image_features(pixel_values=segments), dim=-1))
+
+
+@pytest.mark.parametrize('variant,how', [('vl', dict()), ('vl', dict(safe_serialization=False)),
+                                         ('vl', dict(max_shard_size='100KB')),
+                                         ('vl_new+lora+gelu_new', dict(safe_serialization=False, max_shard_size='100KB'))])
+def test_checkpoint_folder_loads(variant, how, segments, tmp_path):
+    """save_pretrained's folders (safetensors or .bin, sharded or not, LoRA names) load by name."""
+    ref, ours = package_pair(variant)
+    ref.save_pretrained(tmp_path, **how)
+    if how.get('max_shard_size'):
+        assert any(n.endswith('.index.json') for n in os.listdir(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(load_encoder(str(tmp_path))(segments), ours(segments))
+
+
+def test_checkpoint_errors(segments, tmp_path, capsys):
+    ref, _ = package_pair('vl')
+    ref.save_pretrained(tmp_path / 'ok')
+    config = json.loads((tmp_path / 'ok' / 'config.json').read_text())
+
+    def variant(name, edit_config=None, weights=None):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / 'ok', folder)
+        if edit_config:
+            c = json.loads(json.dumps(config))
+            edit_config(c['vision_config'])
+            (folder / 'config.json').write_text(json.dumps(c))
+        if weights is not None:
+            (folder / 'model.safetensors').unlink()
+            torch.save(weights, folder / 'pytorch_model.bin')
+        return str(folder)
+
+    sd = ref.state_dict()
+    cases = {
+        variant('frames', lambda v: v.update(num_frames=4)): 'num_frames 4 (step 3 samples 8',
+        variant('no_time', lambda v: v.update(add_time_attn=False)): 'add_time_attn is false',
+        variant('act', lambda v: v.update(hidden_act='swish')): "hidden_act 'swish'",
+        variant('width', lambda v: v.update(hidden_size=48)): 'has shape',
+        variant('missing', weights={k: v for k, v in sd.items() if 'layers.1.mlp' not in k}):
+            'weight(s) of the video encoder missing, e.g. vision_model.encoder.layers.1.mlp',
+    }
+    for folder, message in cases.items():
+        with pytest.raises(InputError, match=re.escape(message)):
+            load_encoder(folder)
+    (tmp_path / 'bad_json').mkdir()
+    (tmp_path / 'bad_json' / 'config.json').write_text('{not json')
+    with pytest.raises(InputError, match='bad_json/config.json: not a LanguageBind config'):
+        load_encoder(str(tmp_path / 'bad_json'))
     with pytest.raises(InputError, match="(?s)huggingface-cli download .*--model_path"):
         load_encoder(str(tmp_path / 'no_such_checkpoint'))
+    # weights the encoder does not use are named, as the package ignores them
+    extra = variant('extra', weights={**sd, 'vision_model.encoder.layers.0.temporal_mlp.fc1.weight': torch.zeros(2)})
+    load_encoder(extra)
+    assert 'vision weight(s) not used by the video encoder, e.g. vision_model.encoder.layers.0.temporal_mlp' \
+        in capsys.readouterr().out
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, ('touch ran_code',)
+
+
+def test_pickled_weights_run_no_code(tmp_path, monkeypatch):
+    """A .bin whose pickle would run a command: refused (one line naming the file), nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    ref, _ = package_pair('vl')
+    ref.save_pretrained(tmp_path / 'ckpt', safe_serialization=False)
+    torch.save({**ref.state_dict(), 'evil': Payload()}, tmp_path / 'ckpt' / 'pytorch_model.bin')
+    with pytest.raises(InputError, match='pytorch_model.bin: cannot read the weights'):
+        load_encoder(str(tmp_path / 'ckpt'))
+    assert not (tmp_path / 'ran_code').exists()
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ import json
 import os
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -198,6 +197,7 @@ def read_csv(csv_path, label_required=False):
     if not os.path.isfile(csv_path):
         raise EmbeddingError(f'{csv_path}: CSV file not found')
     _check_field_counts(csv_path)
+    import pandas as pd  # here: step 3 imports this module and never reads a CSV (start-up)
     try:
         df = pd.read_csv(csv_path, dtype={'video_id': str, 'label_name': str}, keep_default_na=False)
     except pd.errors.EmptyDataError:

@@ -1,43 +1,44 @@
-"""LanguageBind video encoder: compatibility shims, loading, and the embedding call.
+"""LanguageBind video encoder: loading a checkpoint into ``models_langbind.VideoEncoder``, random
+encoders for tests, and the ``languagebind`` package (its processor and model, the tests' reference).
 
-Step 3 imports only the video model's two modules (``video_modules()``), not the whole package: its
-``__init__`` imports every modality with its processor (and ``pytorchvideo``), and ``peft`` is needed
-only for LoRA models; together they cost seconds of start-up. The processor, used by the tests, comes
-with the full package (``import_languagebind()``).
+A checkpoint is a folder as the Hugging Face hub holds it: ``config.json`` and the weights
+(``model.safetensors`` or ``pytorch_model.bin``, either possibly sharded with an ``.index.json``). Only
+the vision tower and projection are read, by name; every one of their weights must be there with
+its shape. Pickled ``.bin`` files are read with ``torch.load(weights_only=True)``: tensors only, no
+code. ``transformers`` and the package are not needed to embed.
 
-Two shims, applied before the package is used:
+The package needs two shims with today's libraries (used by ``import_languagebind`` and
+``package_model``):
 - ``pytorchvideo`` (imported by ``languagebind``) needs ``torchvision.transforms.functional_tensor``,
   which torchvision removed: alias it to ``torchvision.transforms.functional``.
 - With recent ``transformers`` the model's attention fails (``KeyError: None``) unless the configs'
   ``_attn_implementation`` is set before the model is built.
 """
-import importlib
-import importlib.util
+import json
 import os
 import sys
-import types
 import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from models_langbind import VideoConfig, VideoEncoder, init_random
 from util.errors import InputError
+from util.frames import NUM_FRAMES, SIZE
 
 DEFAULT_MODEL = 'LanguageBind/LanguageBind_Video_Huge_V1.5_FT'
-ATTN = 'sdpa'
 RANDOM_INIT_SEED = 0
 
 # Randomly initialised configurations (for tests, demos and timing only). 'tiny' costs little next to
 # decoding; 'huge' has the size of LanguageBind_Video_Huge (ViT-H/14 vision tower with temporal
-# attention, 1024-d projection) for timing; the text tower, unused here, is kept tiny in both.
-_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+# attention, 1024-d projection) for timing.
+_VIDEO = dict(image_size=SIZE, num_frames=NUM_FRAMES, add_time_attn=True, lora_r=0)
 RANDOM_CONFIGS = {
-    'tiny': dict(projection_dim=64, vision_config=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=56)),
-    'huge': dict(projection_dim=1024, vision_config=dict(
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14)),
+    'tiny': dict(_VIDEO, projection_dim=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, patch_size=56),
+    'huge': dict(_VIDEO, projection_dim=1024, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=16, patch_size=14),
 }
+WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
 
 
 def import_languagebind():
@@ -51,104 +52,116 @@ def import_languagebind():
     return languagebind
 
 
-def _lazy_peft():
-    """A stand-in ``peft`` module whose two names import the real package when first called."""
-    def real():
-        if isinstance(sys.modules.get('peft'), _StandIn):
-            del sys.modules['peft']
-        return importlib.import_module('peft')
-
-    stand_in = _StandIn('peft')
-    stand_in.__spec__ = importlib.util.find_spec('peft')
-    stand_in.LoraConfig = lambda *a, **k: real().LoraConfig(*a, **k)
-    stand_in.get_peft_model = lambda *a, **k: real().get_peft_model(*a, **k)
-    return stand_in
+def package_model(config):
+    """The package's ``LanguageBindVideo`` for a ``VideoConfig`` (its own random weights, a tiny text
+    tower), eval mode, with the attention shim."""
+    lb = import_languagebind()
+    vision = {k: v for k, v in vars(config).items() if k != 'projection_dim'}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    full = lb.LanguageBindVideoConfig(projection_dim=config.projection_dim, text_config=text, vision_config=vision)
+    for c in (full.vision_config, full.text_config):  # not the top level: it rejects 'sdpa'
+        c._attn_implementation = 'sdpa'
+    return lb.LanguageBindVideo(full).eval()
 
 
-class _StandIn(types.ModuleType):
-    pass
+def checkpoint_key(key):
+    """A checkpoint's parameter name as ``VideoEncoder`` names it: ``peft``'s wrapping (``base_model.model.``,
+    ``.base_layer``, the adapter name ``.default``) removed."""
+    return key.replace('base_model.model.', '').replace('.base_layer.', '.').replace('.default.', '.')
 
 
-def video_modules():
-    """``(configuration_video, modeling_video)`` of the ``languagebind`` package, imported without the
-    package's ``__init__`` and with ``peft`` deferred (see the module docstring). A later
-    ``import languagebind`` reuses these two modules."""
-    names = 'languagebind.video.configuration_video', 'languagebind.video.modeling_video'
-    if all(n in sys.modules for n in names):
-        return tuple(sys.modules[n] for n in names)
-    spec = importlib.util.find_spec('languagebind')
-    if spec is None:
-        raise InputError('the languagebind package is not installed (pip install -r requirements.txt)')
-    bare = 'languagebind' not in sys.modules
-    if bare:  # the package object without running its __init__
-        sys.modules['languagebind'] = importlib.util.module_from_spec(spec)
-    importlib.import_module('transformers')  # before the stand-in: it records whether peft is installed
-    stand_in = 'peft' not in sys.modules
-    if stand_in:
-        sys.modules['peft'] = _lazy_peft()
+def read_config(folder):
+    path = os.path.join(folder, 'config.json')
     try:
-        return tuple(importlib.import_module(n) for n in names)
-    finally:
-        if bare:
-            del sys.modules['languagebind']
-        if stand_in and isinstance(sys.modules.get('peft'), _StandIn):
-            del sys.modules['peft']
+        with open(path) as f:
+            d = json.load(f)
+        # old configs keep the vision settings under 'vision_config_dict' (it wins, as in the package)
+        vision = d.get('vision_config_dict') or d.get('vision_config') or {}
+        return VideoConfig.from_dict({**vision, 'projection_dim': d.get('projection_dim', 512)})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
+        raise InputError(f'{path}: not a LanguageBind config ({type(e).__name__}: {e})') from None
 
 
-def _set_attn(config):
-    for c in (config.vision_config, config.text_config):  # not the top level: it rejects 'sdpa'
-        c._attn_implementation = ATTN
-    return config
+def read_weights(folder):
+    """``{name: tensor}`` of the vision tower and projection in a checkpoint folder (names as
+    ``checkpoint_key`` gives them), and the file(s) read."""
+    name = next((n for n in WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))), None)
+    if name is None:
+        raise InputError(f'{folder}: no weights ({" or ".join(WEIGHT_FILES)})')
+    path = os.path.join(folder, name)
+    if name.endswith('.index.json'):
+        try:
+            with open(path) as f:
+                files = sorted(set(json.load(f)['weight_map'].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f'{path}: not a weights index ({type(e).__name__}: {e})') from None
+    else:
+        files = [name]
+    wanted = ('vision_model.', 'visual_projection.')
+    out = {}
+    for f in files:
+        path = os.path.join(folder, f)
+        try:
+            if f.endswith('.safetensors'):
+                from safetensors import safe_open
+                with safe_open(path, 'pt') as sf:
+                    out.update({checkpoint_key(k): sf.get_tensor(k) for k in sf.keys() if k.startswith(wanted)})
+            else:  # tensors only: nothing in the file is executed
+                sd = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+                out.update({checkpoint_key(k): v for k, v in sd.items() if k.startswith(wanted)})
+        except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
+            raise InputError(f'{path}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+    return out, files
 
 
-def random_config(name):
-    """A ``LanguageBindVideoConfig`` of the named random-init size (8 frames, time attention, no LoRA)."""
-    config_module, _ = video_modules()
-    spec = RANDOM_CONFIGS[name]
-    vision = dict(spec['vision_config'], image_size=224, num_frames=8, add_time_attn=True, lora_r=0)
-    return _set_attn(config_module.LanguageBindVideoConfig(projection_dim=spec['projection_dim'],
-                                                text_config=_TINY_TEXT, vision_config=vision))
+def _resolve(model_path):
+    """The local folder of ``model_path`` (a folder, or a hub name fetched where the hub is reachable)."""
+    if os.path.isdir(model_path):
+        return model_path
+    hub_name = model_path.count('/') == 1 and not model_path.startswith(('.', '~', '/'))
+    reason = 'no such folder'
+    if hub_name:
+        try:
+            from huggingface_hub import snapshot_download
+            return snapshot_download(model_path, allow_patterns=['*.json', '*.safetensors', '*.bin'])
+        except Exception as e:  # noqa: BLE001 -- offline, unknown name, ...: the same advice
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise InputError(
+        f'could not load the LanguageBind video model {model_path!r}: {reason}\n'
+        f'--model_path takes a local checkpoint folder (config.json + weights) or, where the Hugging Face\n'
+        f'hub can be reached, a hub name. To get the paper\'s checkpoint, run where the hub is reachable\n'
+        f'    huggingface-cli download {DEFAULT_MODEL} --local-dir checkpoints/LanguageBind_Video_Huge_V1.5_FT\n'
+        f'copy the folder here and pass --model_path checkpoints/LanguageBind_Video_Huge_V1.5_FT\n'
+        f'(--random_init tiny runs the pipeline with a random encoder, for testing only).')
 
 
-def load_languagebind(model_path=DEFAULT_MODEL, random_init=None):
-    """The full ``LanguageBindVideo`` (on CPU, eval mode) from a local directory or a hub name, or
-    randomly initialised from a fixed seed (``random_init`` in RANDOM_CONFIGS; same weights every time)."""
-    config_module, model_module = video_modules()
+def load_encoder(model_path=DEFAULT_MODEL, random_init=None, log=print):
+    """``VideoEncoder`` (CPU, float32, eval mode) from a checkpoint folder or hub name, or randomly
+    initialised (``random_init`` in RANDOM_CONFIGS; the same weights every time). Weights of the
+    vision tower the encoder does not use are reported through ``log``, as the package ignores them."""
     if random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            return model_module.LanguageBindVideo(random_config(random_init)).eval()
-    hub_name = model_path.count('/') == 1 and not model_path.startswith(('.', '~'))
-    try:
-        if not (os.path.isdir(model_path) or hub_name):
-            raise OSError('no such folder')
-        config = _set_attn(config_module.LanguageBindVideoConfig.from_pretrained(model_path))
-        return model_module.LanguageBindVideo.from_pretrained(model_path, config=config).eval()
-    except OSError as e:
-        reason = str(e).strip().splitlines()[0][:300]
-        raise InputError(
-            f'could not load the LanguageBind video model {model_path!r}: {reason}\n'
-            f'--model_path takes a local checkpoint folder (config.json + weights) or, where the Hugging Face\n'
-            f'hub can be reached, a hub name. To get the paper\'s checkpoint, run where the hub is reachable\n'
-            f'    huggingface-cli download {DEFAULT_MODEL} --local-dir checkpoints/LanguageBind_Video_Huge_V1.5_FT\n'
-            f'copy the folder here and pass --model_path checkpoints/LanguageBind_Video_Huge_V1.5_FT\n'
-            f'(--random_init tiny runs the pipeline with a random encoder, for testing only).') from None
-
-
-class VideoEncoder(nn.Module):
-    """LanguageBind's vision tower and projection only: ``[B, 3, 8, 224, 224]`` -> ``[B, D]`` unit
-    vectors (the release stored them times ``logit_scale.exp()``; we store the unit vectors)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.vision_model = model.vision_model
-        self.visual_projection = model.visual_projection
-
-    def forward(self, pixel_values):
-        pooled = self.vision_model(pixel_values=pixel_values, return_dict=False)[1]
-        return F.normalize(self.visual_projection(pooled).float(), dim=-1)
-
-
-def load_encoder(model_path=DEFAULT_MODEL, random_init=None):
-    """``VideoEncoder`` (CPU, eval mode); the text tower is dropped with the full model."""
-    return VideoEncoder(load_languagebind(model_path, random_init)).eval()
+        return init_random(VideoEncoder(VideoConfig(**RANDOM_CONFIGS[random_init])), RANDOM_INIT_SEED).eval()
+    folder = _resolve(model_path)
+    config = read_config(folder)
+    reason = config.check() or (f'num_frames {config.num_frames} (step 3 samples {NUM_FRAMES} frames a segment)'
+                                if config.num_frames != NUM_FRAMES else None) or (
+        f'image_size {config.image_size} (step 3\'s frames are {SIZE}x{SIZE})' if config.image_size != SIZE else None)
+    if reason:
+        raise InputError(f'{os.path.join(folder, "config.json")}: not a LanguageBind video model step 3 can run: {reason}')
+    model = VideoEncoder(config)
+    weights, files = read_weights(folder)
+    weights.pop('vision_model.embeddings.position_ids', None)  # a buffer (0, 1, 2, ...) in older checkpoints
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise InputError(f'{os.path.join(folder, files[0])}: {len(missing)} weight(s) of the video encoder missing, '
+                         f'e.g. {missing[0]} (is this a LanguageBind video checkpoint matching its config.json?)')
+    for k, v in expected.items():
+        if weights[k].shape != v.shape:
+            raise InputError(f'{os.path.join(folder, files[0])}: {k} has shape {list(weights[k].shape)}, '
+                             f'config.json implies {list(v.shape)}')
+    unused = sorted(set(weights) - set(expected))
+    if unused:
+        log(f'note: {folder}: {len(unused)} vision weight(s) not used by the video encoder, e.g. {unused[0]}')
+    model.load_state_dict({k: weights[k] for k in expected})
+    return model.eval()
