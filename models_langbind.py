@@ -30,6 +30,8 @@ ACTIVATIONS = {
     'gelu_pytorch_tanh': partial(F.gelu, approximate='tanh'),
     'gelu_new': lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
     'relu': F.relu,
+    'silu': F.silu,
+    'swish': F.silu,
 }
 
 
@@ -61,6 +63,18 @@ class VideoConfig:
 
     def check(self):
         """The reason this configuration is not a LanguageBind video model we can run, or None."""
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        for name in ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads', 'num_channels',
+                     'image_size', 'patch_size', 'num_frames', 'projection_dim', 'lora_r'):
+            v, low = getattr(self, name), 0 if name == 'lora_r' else 1
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+                return f'{name} {v!r} (an integer >= {low} is needed)'
+        for name, kind, ok in (('layer_norm_eps', 'a number', number), ('lora_alpha', 'a number', number),
+                               ('hidden_act', 'a string', lambda v: isinstance(v, str)),
+                               ('clip_type', 'a string', lambda v: isinstance(v, str))):
+            if not ok(getattr(self, name)):
+                return f'{name} {getattr(self, name)!r} ({kind} is needed)'
         if not self.add_time_attn:
             return 'add_time_attn is false (the package builds no video embeddings without it)'
         if self.clip_type not in ('vl', 'vl_new'):

@@ -100,18 +100,21 @@ def test_window_frames_match_decord(library):
 
 # architecture variants a checkpoint's config.json can select (the real Huge: 'vl', gelu, no LoRA)
 VARIANTS = {'vl': {}, 'vl_new+lora+gelu_new': dict(clip_type='vl_new', lora_r=2, hidden_act='gelu_new'),
-            'gelu': dict(hidden_act='gelu', lora_r=4)}
+            'gelu': dict(hidden_act='gelu', lora_r=4), 'silu+eps+heads': dict(hidden_act='silu', layer_norm_eps=1e-3,
+                                                                              num_attention_heads=4, lora_r=3, lora_alpha=5)}
 
 
 def package_pair(variant):
-    """The package's model for a variant (LoRA's B made non-zero) and our encoder with its weights."""
+    """The package's model for a variant and our encoder with its weights. Every weight is perturbed:
+    the package initialises biases to 0, layer norms to 1 and LoRA's B to 0, under which a bias left out
+    or one layer norm used in place of another would go unnoticed."""
     config = VideoConfig(**{**RANDOM_CONFIGS['tiny'], **VARIANTS[variant]})
     torch.manual_seed(1)
     ref = package_model(config)
     with torch.no_grad():
         for k, v in ref.state_dict().items():
-            if 'lora_B' in k:
-                v.normal_()
+            if v.is_floating_point():
+                v.add_(torch.randn_like(v) * (1.0 if 'lora_B' in k else 0.1))
     ours = VideoEncoder(config).eval()
     weights = {checkpoint_key(k): v for k, v in ref.state_dict().items()}
     ours.load_state_dict({k: weights[k] for k in ours.state_dict()})
@@ -177,7 +180,14 @@ def test_checkpoint_errors(segments, tmp_path, capsys):
     cases = {
         variant('frames', lambda v: v.update(num_frames=4)): 'num_frames 4 (step 3 samples 8',
         variant('no_time', lambda v: v.update(add_time_attn=False)): 'add_time_attn is false',
-        variant('act', lambda v: v.update(hidden_act='swish')): "hidden_act 'swish'",
+        variant('act', lambda v: v.update(hidden_act='mish')): "hidden_act 'mish'",
+        variant('eps_type', lambda v: v.update(layer_norm_eps='1e-5')): "layer_norm_eps '1e-5' (a number is needed)",
+        variant('size_type', lambda v: v.update(hidden_size=32.0)): 'hidden_size 32.0 (an integer >= 1 is needed)',
+        variant('heads_zero', lambda v: v.update(num_attention_heads=0)): 'num_attention_heads 0 (an integer >= 1',
+        variant('act_type', lambda v: v.update(hidden_act=['gelu'])): "hidden_act ['gelu'] (a string is needed)",
+        variant('channels', lambda v: v.update(num_channels=1)): 'num_channels 1 (step 3',
+        variant('int_weights', weights={k: v.long() for k, v in sd.items()}): 'holds torch.int64 values',
+        variant('not_tensors', weights={k: 3 for k in sd}): 'is a int, not a tensor',
         variant('width', lambda v: v.update(hidden_size=48)): 'has shape',
         variant('missing', weights={k: v for k, v in sd.items() if 'layers.1.mlp' not in k}):
             'weight(s) of the video encoder missing, e.g. vision_model.encoder.layers.1.mlp',
@@ -191,6 +201,22 @@ def test_checkpoint_errors(segments, tmp_path, capsys):
         load_encoder(str(tmp_path / 'bad_json'))
     with pytest.raises(InputError, match="(?s)huggingface-cli download .*--model_path"):
         load_encoder(str(tmp_path / 'no_such_checkpoint'))
+    (tmp_path / 'no_config').mkdir()  # a folder, but not a checkpoint
+    with pytest.raises(InputError, match='no_config/config.json: cannot read'):
+        load_encoder(str(tmp_path / 'no_config'))
+    empty_index = variant('empty_index', weights={})
+    os.remove(os.path.join(empty_index, 'pytorch_model.bin'))
+    with open(os.path.join(empty_index, 'model.safetensors.index.json'), 'w') as f:
+        json.dump({'weight_map': {}}, f)
+    with pytest.raises(InputError, match='model.safetensors.index.json: not a weights index'):
+        load_encoder(empty_index)
+    # fp16 weights and a .bin in torch's pre-1.6 format (not a zip file) load, as in the package
+    for name, save in (('fp16', dict()), ('legacy', dict(_use_new_zipfile_serialization=False))):
+        folder = variant(name, weights={})
+        torch.save({k: v.half() if name == 'fp16' else v for k, v in sd.items()}, os.path.join(folder, 'pytorch_model.bin'), **save)
+        with torch.no_grad():
+            torch.testing.assert_close(load_encoder(folder)(segments), load_encoder(str(tmp_path / 'ok'))(segments),
+                                       atol=0 if name == 'legacy' else 1e-2, rtol=0)
     # weights the encoder does not use are named, as the package ignores them
     extra = variant('extra', weights={**sd, 'vision_model.encoder.layers.0.temporal_mlp.fc1.weight': torch.zeros(2)})
     load_encoder(extra)

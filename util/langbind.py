@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import warnings
+import zipfile
 
 import torch
 
@@ -78,6 +79,9 @@ def read_config(folder):
         # old configs keep the vision settings under 'vision_config_dict' (it wins, as in the package)
         vision = d.get('vision_config_dict') or d.get('vision_config') or {}
         return VideoConfig.from_dict({**vision, 'projection_dim': d.get('projection_dim', 512)})
+    except OSError as e:  # no config.json (a folder that is not a checkpoint), or unreadable
+        raise InputError(f'{path}: cannot read the checkpoint\'s config ({e.strerror or type(e).__name__}); '
+                         f'--model_path takes a folder with config.json and the weights') from None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
         raise InputError(f'{path}: not a LanguageBind config ({type(e).__name__}: {e})') from None
 
@@ -93,7 +97,9 @@ def read_weights(folder):
         try:
             with open(path) as f:
                 files = sorted(set(json.load(f)['weight_map'].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            if not files or not all(isinstance(n, str) for n in files):
+                raise TypeError(f'weight_map should map names to file names, has {files[:3]}')
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise InputError(f'{path}: not a weights index ({type(e).__name__}: {e})') from None
     else:
         files = [name]
@@ -106,9 +112,13 @@ def read_weights(folder):
                 from safetensors import safe_open
                 with safe_open(path, 'pt') as sf:
                     out.update({checkpoint_key(k): sf.get_tensor(k) for k in sf.keys() if k.startswith(wanted)})
-            else:  # tensors only: nothing in the file is executed
-                sd = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-                out.update({checkpoint_key(k): v for k, v in sd.items() if k.startswith(wanted)})
+            else:  # tensors only: nothing in the file is executed (mmap: not for the pre-1.6 format)
+                sd = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
+                sd = {checkpoint_key(k): v for k, v in sd.items() if k.startswith(wanted)}
+                bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+                if bad:
+                    raise TypeError(f'{bad} is a {type(sd[bad]).__name__}, not a tensor')
+                out.update(sd)
         except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
             raise InputError(f'{path}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
     return out, files
@@ -145,10 +155,12 @@ def load_encoder(model_path=DEFAULT_MODEL, random_init=None, log=print):
     config = read_config(folder)
     reason = config.check() or (f'num_frames {config.num_frames} (step 3 samples {NUM_FRAMES} frames a segment)'
                                 if config.num_frames != NUM_FRAMES else None) or (
-        f'image_size {config.image_size} (step 3\'s frames are {SIZE}x{SIZE})' if config.image_size != SIZE else None)
+        f'image_size {config.image_size} (step 3\'s frames are {SIZE}x{SIZE})' if config.image_size != SIZE else None) or (
+        f'num_channels {config.num_channels} (step 3\'s frames are RGB)' if config.num_channels != 3 else None)
     if reason:
         raise InputError(f'{os.path.join(folder, "config.json")}: not a LanguageBind video model step 3 can run: {reason}')
-    model = VideoEncoder(config)
+    with torch.device('meta'):  # no random initialisation (seconds for Huge): every weight is loaded below
+        model = VideoEncoder(config)
     weights, files = read_weights(folder)
     weights.pop('vision_model.embeddings.position_ids', None)  # a buffer (0, 1, 2, ...) in older checkpoints
     expected = model.state_dict()
@@ -160,8 +172,12 @@ def load_encoder(model_path=DEFAULT_MODEL, random_init=None, log=print):
         if weights[k].shape != v.shape:
             raise InputError(f'{os.path.join(folder, files[0])}: {k} has shape {list(weights[k].shape)}, '
                              f'config.json implies {list(v.shape)}')
+        if not weights[k].is_floating_point() or weights[k].is_meta:
+            raise InputError(f'{os.path.join(folder, files[0])}: {k} holds {weights[k].dtype} '
+                             f'{"meta " if weights[k].is_meta else ""}values, not floating-point weights')
     unused = sorted(set(weights) - set(expected))
     if unused:
         log(f'note: {folder}: {len(unused)} vision weight(s) not used by the video encoder, e.g. {unused[0]}')
-    model.load_state_dict({k: weights[k] for k in expected})
+    # float32 copies (a checkpoint may hold fp16 or bf16; an mmap-ed .bin's tensors are not kept)
+    model.load_state_dict({k: weights[k].to(torch.float32, copy=True) for k in expected}, assign=True)
     return model.eval()
