@@ -191,6 +191,13 @@ def test_checkpoint_errors(segments, tmp_path, capsys):
         variant('width', lambda v: v.update(hidden_size=48)): 'has shape',
         variant('missing', weights={k: v for k, v in sd.items() if 'layers.1.mlp' not in k}):
             'weight(s) of the video encoder missing, e.g. vision_model.encoder.layers.1.mlp',
+        # two names for one weight (peft's wrapping and the plain name): which one is meant is unknown
+        variant('two_names', weights={**sd, 'vision_model.encoder.layers.0.temporal_attn.q_proj.base_layer.weight':
+                                      sd['vision_model.encoder.layers.0.temporal_attn.q_proj.weight']}):
+            'are both the weight vision_model.encoder.layers.0.temporal_attn.q_proj.weight',
+        # trained LoRA weights that config.json (lora_r 0) would silently drop
+        variant('lora_off', weights={**sd, 'vision_model.encoder.layers.0.temporal_attn.q_proj.lora_A.weight':
+                                     torch.zeros(2, 32)}): 'holds LoRA weights',
     }
     for folder, message in cases.items():
         with pytest.raises(InputError, match=re.escape(message)):

@@ -104,23 +104,27 @@ def read_weights(folder):
     else:
         files = [name]
     wanted = ('vision_model.', 'visual_projection.')
-    out = {}
+    out, origin = {}, {}
     for f in files:
         path = os.path.join(folder, f)
         try:
             if f.endswith('.safetensors'):
                 from safetensors import safe_open
                 with safe_open(path, 'pt') as sf:
-                    out.update({checkpoint_key(k): sf.get_tensor(k) for k in sf.keys() if k.startswith(wanted)})
+                    tensors = {k: sf.get_tensor(k) for k in sf.keys() if k.startswith(wanted)}
             else:  # tensors only: nothing in the file is executed (mmap: not for the pre-1.6 format)
                 sd = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
-                sd = {checkpoint_key(k): v for k, v in sd.items() if k.startswith(wanted)}
-                bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+                tensors = {k: v for k, v in sd.items() if k.startswith(wanted)}
+                bad = next((k for k, v in tensors.items() if not isinstance(v, torch.Tensor)), None)
                 if bad:
-                    raise TypeError(f'{bad} is a {type(sd[bad]).__name__}, not a tensor')
-                out.update(sd)
+                    raise TypeError(f'{bad} is a {type(tensors[bad]).__name__}, not a tensor')
         except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
             raise InputError(f'{path}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+        for k, v in tensors.items():  # two names for one weight (peft's and plain, or in two shards): ambiguous
+            name = checkpoint_key(k)
+            if name in out:
+                raise InputError(f'{path}: {k} and {origin[name]} are both the weight {name}')
+            out[name], origin[name] = v, f'{k} (in {f})'
     return out, files
 
 
@@ -176,6 +180,10 @@ def load_encoder(model_path=DEFAULT_MODEL, random_init=None, log=print):
             raise InputError(f'{os.path.join(folder, files[0])}: {k} holds {weights[k].dtype} '
                              f'{"meta " if weights[k].is_meta else ""}values, not floating-point weights')
     unused = sorted(set(weights) - set(expected))
+    lora = next((k for k in unused if '.lora_' in k), None)
+    if lora:  # trained LoRA weights that config.json does not switch on would be dropped
+        raise InputError(f'{os.path.join(folder, files[0])}: holds LoRA weights ({lora}) but config.json has '
+                         f'lora_r {config.lora_r} and the model none there')
     if unused:
         log(f'note: {folder}: {len(unused)} vision weight(s) not used by the video encoder, e.g. {unused[0]}')
     # float32 copies (a checkpoint may hold fp16 or bf16; an mmap-ed .bin's tensors are not kept)
