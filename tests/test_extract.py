@@ -198,6 +198,8 @@ def test_checkpoint_errors(segments, tmp_path, capsys):
         # trained LoRA weights that config.json (lora_r 0) would silently drop
         variant('lora_off', weights={**sd, 'vision_model.encoder.layers.0.temporal_attn.q_proj.lora_A.weight':
                                      torch.zeros(2, 32)}): 'holds LoRA weights',
+        # and the other way round: LoRA switched on, its weights absent (merged before saving?)
+        variant('lora_absent', lambda v: v.update(lora_r=2)): 'has lora_r 2 but the checkpoint holds no LoRA weights',
     }
     for folder, message in cases.items():
         with pytest.raises(InputError, match=re.escape(message)):

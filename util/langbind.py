@@ -169,6 +169,10 @@ def load_encoder(model_path=DEFAULT_MODEL, random_init=None, log=print):
     weights.pop('vision_model.embeddings.position_ids', None)  # a buffer (0, 1, 2, ...) in older checkpoints
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
+    if missing and all('.lora_' in k for k in missing):
+        raise InputError(f'{os.path.join(folder, files[0])}: config.json has lora_r {config.lora_r} but the '
+                         f'checkpoint holds no LoRA weights (e.g. {missing[0]}); if they were merged into the '
+                         f'weights, set lora_r to 0 in config.json')
     if missing:
         raise InputError(f'{os.path.join(folder, files[0])}: {len(missing)} weight(s) of the video encoder missing, '
                          f'e.g. {missing[0]} (is this a LanguageBind video checkpoint matching its config.json?)')
