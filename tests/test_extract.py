@@ -178,14 +178,14 @@ def test_checkpoint_errors(segments, tmp_path, capsys):
 
     sd = ref.state_dict()
     cases = {
-        variant('frames', lambda v: v.update(num_frames=4)): 'num_frames 4 (step 3 samples 8',
+        variant('frames', lambda v: v.update(num_frames=4)): 'num_frames 4 (step 3 gives 8 RGB frames',
         variant('no_time', lambda v: v.update(add_time_attn=False)): 'add_time_attn is false',
         variant('act', lambda v: v.update(hidden_act='mish')): "hidden_act 'mish'",
         variant('eps_type', lambda v: v.update(layer_norm_eps='1e-5')): "layer_norm_eps '1e-5' (a number is needed)",
         variant('size_type', lambda v: v.update(hidden_size=32.0)): 'hidden_size 32.0 (an integer >= 1 is needed)',
         variant('heads_zero', lambda v: v.update(num_attention_heads=0)): 'num_attention_heads 0 (an integer >= 1',
         variant('act_type', lambda v: v.update(hidden_act=['gelu'])): "hidden_act ['gelu'] (a string is needed)",
-        variant('channels', lambda v: v.update(num_channels=1)): 'num_channels 1 (step 3',
+        variant('channels', lambda v: v.update(num_channels=1)): 'num_channels 1 (step 3 gives',
         variant('int_weights', weights={k: v.long() for k, v in sd.items()}): 'holds torch.int64 values',
         variant('not_tensors', weights={k: 3 for k in sd}): 'is a int, not a tensor',
         variant('width', lambda v: v.update(hidden_size=48)): 'has shape',

@@ -157,36 +157,36 @@ def load_encoder(model_path=DEFAULT_MODEL, random_init=None, log=print):
         return init_random(VideoEncoder(VideoConfig(**RANDOM_CONFIGS[random_init])), RANDOM_INIT_SEED).eval()
     folder = _resolve(model_path)
     config = read_config(folder)
-    reason = config.check() or (f'num_frames {config.num_frames} (step 3 samples {NUM_FRAMES} frames a segment)'
-                                if config.num_frames != NUM_FRAMES else None) or (
-        f'image_size {config.image_size} (step 3\'s frames are {SIZE}x{SIZE})' if config.image_size != SIZE else None) or (
-        f'num_channels {config.num_channels} (step 3\'s frames are RGB)' if config.num_channels != 3 else None)
+    needs = {'num_frames': NUM_FRAMES, 'image_size': SIZE, 'num_channels': 3}  # what step 3 gives the encoder
+    reason = config.check() or next((f'{k} {getattr(config, k)!r} (step 3 gives {NUM_FRAMES} RGB frames of '
+                                     f'{SIZE}x{SIZE} a segment)' for k, v in needs.items() if getattr(config, k) != v), None)
     if reason:
         raise InputError(f'{os.path.join(folder, "config.json")}: not a LanguageBind video model step 3 can run: {reason}')
     with torch.device('meta'):  # no random initialisation (seconds for Huge): every weight is loaded below
         model = VideoEncoder(config)
     weights, files = read_weights(folder)
+    where = os.path.join(folder, files[0])
     weights.pop('vision_model.embeddings.position_ids', None)  # a buffer (0, 1, 2, ...) in older checkpoints
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     if missing and all('.lora_' in k for k in missing):
-        raise InputError(f'{os.path.join(folder, files[0])}: config.json has lora_r {config.lora_r} but the '
+        raise InputError(f'{where}: config.json has lora_r {config.lora_r} but the '
                          f'checkpoint holds no LoRA weights (e.g. {missing[0]}); if they were merged into the '
                          f'weights, set lora_r to 0 in config.json')
     if missing:
-        raise InputError(f'{os.path.join(folder, files[0])}: {len(missing)} weight(s) of the video encoder missing, '
+        raise InputError(f'{where}: {len(missing)} weight(s) of the video encoder missing, '
                          f'e.g. {missing[0]} (is this a LanguageBind video checkpoint matching its config.json?)')
     for k, v in expected.items():
         if weights[k].shape != v.shape:
-            raise InputError(f'{os.path.join(folder, files[0])}: {k} has shape {list(weights[k].shape)}, '
+            raise InputError(f'{where}: {k} has shape {list(weights[k].shape)}, '
                              f'config.json implies {list(v.shape)}')
         if not weights[k].is_floating_point() or weights[k].is_meta:
-            raise InputError(f'{os.path.join(folder, files[0])}: {k} holds {weights[k].dtype} '
+            raise InputError(f'{where}: {k} holds {weights[k].dtype} '
                              f'{"meta " if weights[k].is_meta else ""}values, not floating-point weights')
     unused = sorted(set(weights) - set(expected))
     lora = next((k for k in unused if '.lora_' in k), None)
     if lora:  # trained LoRA weights that config.json does not switch on would be dropped
-        raise InputError(f'{os.path.join(folder, files[0])}: holds LoRA weights ({lora}) but config.json has '
+        raise InputError(f'{where}: holds LoRA weights ({lora}) but config.json has '
                          f'lora_r {config.lora_r} and the model none there')
     if unused:
         log(f'note: {folder}: {len(unused)} vision weight(s) not used by the video encoder, e.g. {unused[0]}')
