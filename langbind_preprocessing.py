@@ -15,7 +15,7 @@ listed in ``<embedding_dir>/failed_<job file name>.csv``, counted in the summary
 """
 import time
 
-STARTED = time.time()  # the summary's first_batch_s counts from here, the imports below included
+STARTED = time.time()  # the first main() counts its first_batch_s and total_s from here: the imports below included
 
 import argparse
 import csv
@@ -275,7 +275,8 @@ def gather(obj, world):
 
 
 def main(args):
-    entered = time.time()
+    global STARTED
+    entered, STARTED = STARTED or time.time(), None  # later calls in the same process: from here
     if args.batch_size < 1 or args.num_workers < 0 or (args.threads is not None and args.threads < 1):
         raise InputError('need --batch_size >= 1, --num_workers >= 0 and --threads >= 1')
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
@@ -357,7 +358,7 @@ def main(args):
     failure_file = failures_path(args.video_path_file, spec, all_jobs)
     summary = {'jobs': n_jobs, 'already_complete': n_skip, 'written': n_written, 'failed': n_failed,
                'failures_file': failure_file, 'segments': n_seg, 'seconds': round(elapsed, 2),
-               'model_load_s': round(model_load_s, 2), 'first_batch_s': round(first[0] - STARTED, 2) if first else None,
+               'model_load_s': round(model_load_s, 2), 'first_batch_s': round(first[0] - entered, 2) if first else None,
                'total_s': round(time.time() - entered, 2),
                'segments_per_s': round(n_seg / elapsed, 2),
                'video_minutes_per_min': round(float(totals[5]) / (elapsed / 60), 2)}

@@ -256,6 +256,7 @@ def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
     summary = run(write_jobs(library, emb1, tmp_path / 'j1.json'), '--num_workers', '2', '--end_job_file', str(end))
     out = capsys.readouterr().out
     assert summary['written'] == 3 and summary['failed'] == 2 and summary['segments'] == 6
+    assert 0 < summary['first_batch_s'] <= summary['total_s'] and step3.STARTED is None  # timed from the 1st call
     assert json.loads(end.read_text()) == summary
     # the truncated video is reported with file and segment, the garbage file with its path
     assert f'{library / "trunc.mkv"}: segment 0 [0-5 s]: the frames end at' in out
