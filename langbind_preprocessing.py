@@ -33,12 +33,12 @@ from tqdm import tqdm
 from util.embeddings import EmbeddingError, is_complete, same_encoder, save_video_embeddings, store_encoder
 from util.errors import InputError, run_main
 from util.fileio import atomic_write_text, remove_stale_temporaries
-from util.frames import NUM_FRAMES, DecodeError, decode_segments
+from util.frames import NUM_FRAMES, DecodeError, decode_segments, transform
 from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder
 from util.misc import default_device
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-CHUNK = 8  # segments per item a worker sends (4.8 MB each in shared memory)
+CHUNK = 8  # segments per item a worker sends (4.8 MB each in shared memory; raw 480p frames 2.5 MB, 720p 22 MB)
 FAILURE_COLUMNS = ['video_id', 'video_path', 'reason']
 
 
@@ -57,6 +57,10 @@ def get_args_parser():
     parser.add_argument('--dtype', default='bf16', choices=sorted(DTYPES),
                         help='autocast precision on GPU (on CPU the model always runs in fp32)')
     parser.add_argument('--num_workers', default=2, type=int, help='decoding processes (0: decode in this process)')
+    parser.add_argument('--transform_on', default='auto', choices=['auto', 'workers', 'device'],
+                        help='where the sampled frames are resized and normalised: in the decoding workers, or '
+                             'on the model\'s device (frames up to 720p cross over as uint8). auto: device on a '
+                             'GPU (the decoding CPUs then only decode), workers on CPU')
     parser.add_argument('--threads', default=None, type=int,
                         help='CPU threads of the model (default: half the cores this process may use, the other '
                              'half decodes). The numerics of a CPU forward pass depend on this number, so it never '
@@ -76,19 +80,20 @@ def num_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
-def job_segments(job, threads=1, shared=False):
-    """``(segment index, [3, 8, 224, 224])`` of one job: segments with a ``path`` from that file
-    (the original release's re-encoded layout), the others from the long video, decoded once
-    (``shared``: in shared memory, for a DataLoader worker)."""
+def job_segments(job, threads=1, shared=False, raw=False):
+    """``(segment index, frames)`` of one job: segments with a ``path`` from that file (the original
+    release's re-encoded layout), the others from the long video, decoded once. ``frames``: the model
+    input ``[3, 8, 224, 224]``, or with ``raw`` possibly the untransformed ``[8, H, W, 3]`` uint8 frames
+    (util/frames.py ``decode_segments``). ``shared``: in shared memory, for a DataLoader worker."""
     segs = job['segments']
     for i, s in enumerate(segs):
         if s.get('path'):
-            for _, x in decode_segments(s['path'], threads=threads, shared=shared):
+            for _, x in decode_segments(s['path'], threads=threads, shared=shared, raw=raw):
                 yield i, x
     windows = [i for i, s in enumerate(segs) if not s.get('path')]
     if windows:
         spans = [(segs[i]['start'], segs[i]['end']) for i in windows]
-        for k, x in decode_segments(job['video_path'], spans, threads=threads, shared=shared):
+        for k, x in decode_segments(job['video_path'], spans, threads=threads, shared=shared, raw=raw):
             yield windows[k], x
 
 
@@ -97,8 +102,8 @@ class SegmentFrames(IterableDataset):
     segments of one job, or ``{'job', 'error'}`` when its video fails (any error: one video never
     stops the others). Each worker takes whole jobs (worker w of W: jobs w, w+W, ...)."""
 
-    def __init__(self, jobs, chunk):
-        self.jobs, self.chunk = jobs, chunk
+    def __init__(self, jobs, chunk, raw=False):
+        self.jobs, self.chunk, self.raw = jobs, chunk, raw
 
     def __iter__(self):
         info = get_worker_info()
@@ -107,7 +112,7 @@ class SegmentFrames(IterableDataset):
         for j in range(wid, len(self.jobs), nw):
             index, pixels = [], []
             try:
-                for i, x in job_segments(self.jobs[j], threads, shared=info is not None):
+                for i, x in job_segments(self.jobs[j], threads, shared=info is not None, raw=self.raw):
                     index.append(i)
                     pixels.append(x)
                     if len(pixels) == self.chunk:
@@ -122,14 +127,16 @@ class SegmentFrames(IterableDataset):
 
 @torch.no_grad()
 def embed(encoder, segments, batch_size, device, dtype):
-    """Unit-norm embeddings ``[n, D]`` (float32, CPU) of ``n <= batch_size`` segments (``[3, 8, 224, 224]``
-    each). The batch is always padded to ``batch_size`` so that every forward pass has the same shapes:
-    a segment's embedding then does not depend on which other segments share its batch (a resumed run
-    gives the same files as an uninterrupted one)."""
-    frames = [x.transpose(0, 1) for x in segments]
+    """Unit-norm embeddings ``[n, D]`` (float32, CPU) of ``n <= batch_size`` segments (each the model
+    input ``[3, 8, 224, 224]``, or its untransformed ``[8, H, W, 3]`` uint8 frames, transformed here on
+    ``device``, one segment at a time). The batch is always padded to ``batch_size`` so that every
+    forward pass has the same shapes: a segment's embedding then does not depend on which other
+    segments share its batch (a resumed run gives the same files as an uninterrupted one)."""
+    frames = [x.to(device, non_blocking=True) for x in segments]
+    frames = [(transform(x) if x.dtype == torch.uint8 else x).transpose(0, 1) for x in frames]
     frames += [frames[0].new_zeros(frames[0].shape)] * (batch_size - len(frames))
     # [B, 3, 8, H, W] viewing [B, 8, 3, H, W] memory: the model's reshape to frames is then free
-    pixels = torch.stack(frames).transpose(1, 2).to(device, non_blocking=True)
+    pixels = torch.stack(frames).transpose(1, 2)
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda' and dtype != torch.float32):
         return encoder(pixels)[:len(segments)].float().cpu()
 
@@ -301,7 +308,8 @@ def main(args):
         f'on {device}')
 
     start, first = time.time(), []  # work time: from here (decoding starts) to the last file written
-    loader = iter(DataLoader(SegmentFrames(jobs, CHUNK), batch_size=None, num_workers=args.num_workers))
+    raw = args.transform_on == 'device' or (args.transform_on == 'auto' and device.type == 'cuda')
+    loader = iter(DataLoader(SegmentFrames(jobs, CHUNK, raw), batch_size=None, num_workers=args.num_workers))
     encoder = load_encoder(args.model_path, args.random_init).to(device)
     model_load_s = time.time() - start
     if args.random_init:

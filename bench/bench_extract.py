@@ -15,7 +15,9 @@ about 0.1 s for the tiny encoder, much more for ``--config huge``).
 defaults with B-frames, textured moving content), times decoding every frame of them with
 ``--num_workers`` processes, then step 3 (tiny random encoder, run as its own process) with the same
 number of decoding workers: ``ratio`` = step 3's work time (its summary's ``seconds``) / the time to
-decode everything; ``startup_s`` = from step 3's first line (its imports included; the interpreter's own
+decode everything; ``decoding_side_ratio``: the same for step 3's decoding alone with the transform
+left to the model's device (``--transform_on device``, the default on a GPU), i.e. the CPU work of a
+GPU server, timed in as many processes; ``startup_s`` = from step 3's first line (its imports included; the interpreter's own
 start, about 0.04 s, is not) to its first batch embedded.
 """
 import argparse
@@ -112,15 +114,27 @@ def _decode_count(item):
         return sum(1 for _ in c.decode(stream))
 
 
+def in_processes(fn, items, processes):
+    """Seconds for ``processes`` processes (started before timing; one torch thread each, as DataLoader
+    workers have) to map ``fn`` over ``items``, and the results."""
+    with ProcessPoolExecutor(max(processes, 1), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        list(pool.map(abs, range(max(processes, 1))))
+        t = time.time()
+        out = list(pool.map(fn, items))
+        return time.time() - t, out
+
+
 def decode_all(paths, processes):
     """Seconds to decode every frame of ``paths`` with ``processes`` processes, each taking whole
-    videos with its share of the cores as FFmpeg threads (as step 3's workers do)."""
+    videos with its share of the cores as FFmpeg threads (as step 3's workers do), and the frames."""
     threads = max(1, langbind_preprocessing.num_cpus() // max(processes, 1))
-    with ProcessPoolExecutor(max(processes, 1)) as pool:
-        list(pool.map(abs, range(max(processes, 1))))  # start the processes before timing
-        t = time.time()
-        frames = sum(pool.map(_decode_count, [(p, threads) for p in paths]))
-        return time.time() - t, frames
+    seconds, counts = in_processes(_decode_count, [(p, threads) for p in paths], processes)
+    return seconds, sum(counts)
+
+
+def _decoding_side(item):
+    job, threads = item
+    return sum(1 for _ in langbind_preprocessing.job_segments(job, threads, raw=True))
 
 
 def decode_limit(args, work):
@@ -149,8 +163,14 @@ def decode_limit(args, work):
                     '--end_job_file', end], check=True, stdout=sys.stderr, stderr=sys.stderr, cwd=root)
     wall = time.time() - t
     summary = json.load(open(end))
+    # step 3's decoding workers alone with --transform_on device: what the CPUs of a GPU server do
+    with open(os.path.join(seg_dir, 'paired_paths.json')) as f:
+        jobs = json.load(f)['jobs']
+    threads = max(1, langbind_preprocessing.num_cpus() // max(args.num_workers, 1))
+    side_s, _ = in_processes(_decoding_side, [(job, threads) for job in jobs], args.num_workers)
     emit(measure='decode_limit', decode_all_s=round(decode_s, 2), step3_s=summary['seconds'],
          ratio=round(summary['seconds'] / decode_s, 3), step3_wall_s=round(wall, 2),
+         decoding_side_s=round(side_s, 2), decoding_side_ratio=round(side_s / decode_s, 3),
          startup_s=summary['first_batch_s'],
          frames=frames, segments=summary['segments'], num_workers=args.num_workers, video='480x270@30',
          video_seconds=args.dl_seconds, num_videos=2, megabytes=round(sum(map(os.path.getsize, paths)) / 1e6, 1),

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import langbind_preprocessing as step3
 from util.errors import InputError
 from util.embeddings import load_video_embeddings, read_metadata, save_video_embeddings
-from util.frames import decode_segments, frame_indices
+from util import frames
+from util.frames import decode_segments, frame_indices, transform
 from models_langbind import VideoConfig, VideoEncoder
 from util.langbind import RANDOM_CONFIGS, checkpoint_key, import_languagebind, load_encoder, package_model
 from util.synthetic import color_frames, rotate_in_header, write_video
@@ -91,8 +92,8 @@ def test_window_frames_match_decord(library):
     ours = list(decode_segments(path, wins))
     assert [k for k, _ in ours] == list(range(len(wins)))
     for (k, x), (s, e) in zip(ours, wins):
-        frames = [i for i in range(len(vr)) if s <= i / fps < e]
-        idx = [frames[i] for i in frame_indices(len(frames))]
+        in_window = [i for i in range(len(vr)) if s <= i / fps < e]
+        idx = [in_window[i] for i in frame_indices(len(in_window))]
         ref = transform(vr.get_batch(idx).permute(3, 0, 1, 2))
         torch.testing.assert_close(x, ref, atol=1e-4, rtol=0)
     assert frame_indices(50).tolist() == [0, 7, 14, 21, 28, 35, 42, 49]
@@ -285,6 +286,11 @@ def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
     for vid in ['a', 'b', 'c']:
         assert (emb2 / f'{vid}.safetensors').read_bytes() == (emb1 / f'{vid}.safetensors').read_bytes()
 
+    # the frames transformed on the model's device instead of in the workers: the same files
+    run(write_jobs(library, tmp_path / 'e4', tmp_path / 'j4.json'), '--num_workers', '2', '--transform_on', 'device')
+    for vid in ['a', 'b', 'c']:
+        assert (tmp_path / 'e4' / f'{vid}.safetensors').read_bytes() == (emb1 / f'{vid}.safetensors').read_bytes()
+
     # resume after a kill: one file finished, one half-written temporary file, one stale bad file
     emb3.mkdir()
     shutil.copy(emb1 / 'a.safetensors', emb3 / 'a.safetensors')
@@ -435,9 +441,24 @@ def test_only_own_temporary_files_are_removed(library, tmp_path):
     assert (emb / 'a.safetensors').is_file()
 
 
+def test_raw_frames_transformed_later_equal_the_transformed_ones(library, monkeypatch):
+    """decode_segments(raw=True) (the transform left to the model's device): the same frames, and
+    frames above RAW_MAX_PIXELS, or of several sizes in one segment, are transformed in the worker."""
+    path, wins = str(library / 'a.mp4'), windows(12.3)
+    ref = list(decode_segments(path, wins))
+    raw = list(decode_segments(path, wins, raw=True))
+    assert [k for k, _ in raw] == [k for k, _ in ref] and all(x.dtype == torch.uint8 and x.shape == (8, 48, 64, 3)
+                                                               for _, x in raw)
+    assert all(torch.equal(transform(x), y) for (_, x), (_, y) in zip(raw, ref))
+    monkeypatch.setattr(frames, 'RAW_MAX_PIXELS', 48 * 64 - 1)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(decode_segments(path, wins, raw=True), ref))
+    small, tall = np.zeros((48, 64, 3), np.uint8), np.full((64, 48, 3), 200, np.uint8)
+    mixed = frames._assemble([small, tall, small], shared=False)
+    assert mixed.shape == (3, 3, 224, 224) and torch.equal(mixed[:, 1], transform(tall[None])[:, 0])
+
+
 def test_rotated_video_is_turned_upright(tmp_path):
     import av
-    from util.frames import transform
     plain, turned = tmp_path / 'plain.mp4', tmp_path / 'turned.mp4'
     write_video(plain, color_frames(1.0, fps=10, size=(96, 64), seed=1), fps=10)  # 10 frames, landscape
     rotate_in_header(plain, turned)

@@ -33,6 +33,9 @@ from util.errors import InputError
 
 NUM_FRAMES = 8
 SIZE = 224
+# decode_segments(raw=True) leaves frames up to 720p untransformed: such a frame crosses the process
+# boundary at most 4.6 times as large as the transformed one (uint8 1280x720x3 against float 3x224x224)
+RAW_MAX_PIXELS = 1280 * 720
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -47,14 +50,16 @@ def frame_indices(n, num=NUM_FRAMES):
 
 
 def transform(frames):
-    """``[T, H, W, 3]`` uint8 frames -> ``[3, T, 224, 224]`` float32 model input."""
+    """``[T, H, W, 3]`` uint8 frames (numpy, or a tensor on any device) -> ``[3, T, 224, 224]`` float32
+    model input on the same device."""
     x = torch.as_tensor(frames).float().permute(0, 3, 1, 2)  # channels-last memory: fast resize kernel
     h, w = x.shape[-2:]
     size = (int(math.floor(h / w * SIZE)), SIZE) if w < h else (SIZE, int(math.floor(w / h * SIZE)))
     x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
     i, j = int(round((size[0] - SIZE) / 2.0)), int(round((size[1] - SIZE) / 2.0))
     x = x[:, :, i:i + SIZE, j:j + SIZE]
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(STD).view(1, 3, 1, 1) * 255)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
+    x = (x - mean) / std
     return x.permute(1, 0, 2, 3).contiguous()
 
 
@@ -108,11 +113,28 @@ def _packets_then_flush(container, stream, need):
     yield from codec.decode(None)
 
 
+def _assemble(items, shared):
+    """One finished segment from its ``num`` frames (each a transformed ``[3, 224, 224]`` tensor or an
+    untransformed ``[H, W, 3]`` uint8 array): ``[num, H, W, 3]`` uint8 when every frame is untransformed
+    and of one size, else the model input ``[3, num, 224, 224]`` (a view of ``[num, 3, 224, 224]``
+    memory), the untransformed frames transformed here. ``shared``: in shared memory."""
+    raw = all(isinstance(f, np.ndarray) for f in items) and len({f.shape for f in items}) == 1
+    if not raw:
+        items = [transform(f[None])[:, 0] if isinstance(f, np.ndarray) else f for f in items]
+    first = torch.as_tensor(items[0])
+    out = torch.empty((len(items),) + tuple(first.shape), dtype=first.dtype)
+    if shared:
+        out.share_memory_()
+    for i, f in enumerate(items):
+        out[i] = torch.as_tensor(f)
+    return out if raw else out.transpose(0, 1)
+
+
 # codecs whose decoders honour skip_frame = NONREF by dropping only frames nothing refers to
 SKIP_NONREF_CODECS = {'h264', 'hevc', 'mpeg2video', 'mpeg1video'}
 
 
-def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, stats=None, shared=False):
+def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, stats=None, shared=False, raw=False):
     """Yield ``(k, [3, num, 224, 224])`` for each window ``k`` of ``windows`` (``[(start, end)]`` in
     seconds; ``None``: the whole file is one segment), in order, opening ``path`` once and decoding it
     once (``threads`` FFmpeg threads). Each is a view of ``[num, 3, 224, 224]`` memory, the layout
@@ -120,8 +142,10 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
     the last frame before it, ``num`` times. ``skip``: let the decoder drop the non-reference frames
     no segment samples (the frames returned are the same either way). ``stats`` (a dict) receives the
     number of frames decoded and converted. ``shared``: build each segment in shared memory (a
-    DataLoader worker then hands it over without a copy). Raises DecodeError naming the file and the
-    segment it stopped at."""
+    DataLoader worker then hands it over without a copy). ``raw``: leave the transform to the caller
+    (``transform``, e.g. on the GPU) for frames of at most RAW_MAX_PIXELS: such a segment is the
+    ``[num, H, W, 3]`` uint8 frames, turned upright (a segment whose frames are larger, or not all of
+    one size, is transformed here). Raises DecodeError naming the file and the segment it stopped at."""
     def where(k):
         return f'{path}: segment {k} [{windows[k][0]:g}-{windows[k][1]:g} s]' if windows else path
 
@@ -150,7 +174,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
             for slot, i in enumerate(picks):
                 wanted[keys[i]].append((k, slot))
         todo = sorted(wanted)  # kept frames in presentation order
-        buffers = [None] * len(spans)  # [num, 3, 224, 224] each: frames contiguous, as the model reads them
+        buffers = [None] * len(spans)  # each segment's frames, assembled when all are there
         missing = [num] * len(spans)
         done = nxt = decoded = converted = 0
         skip = skip and by_pts and stream.codec_context.name in SKIP_NONREF_CODECS
@@ -167,18 +191,18 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
                 x = None
                 while nxt < len(todo) and todo[nxt] <= key:  # < key: the decoder dropped it, take the next
                     if x is None:
-                        x = transform(_rgb(frame, reformatter)[None])[:, 0]
+                        x = _rgb(frame, reformatter)
+                        small = x.shape[0] * x.shape[1] <= RAW_MAX_PIXELS
+                        x = np.array(x) if raw and small else transform(x[None])[:, 0]  # raw: its own copy
                         converted += 1
                     for k, slot in wanted[todo[nxt]]:
                         if buffers[k] is None:
-                            buffers[k] = torch.empty(num, 3, SIZE, SIZE)
-                            if shared:
-                                buffers[k].share_memory_()
+                            buffers[k] = [None] * num
                         buffers[k][slot] = x
                         missing[k] -= 1
                     nxt += 1
                 while done < len(spans) and missing[done] == 0:
-                    yield done, buffers[done].transpose(0, 1)
+                    yield done, _assemble(buffers[done], shared)
                     buffers[done] = None
                     done += 1
                 if done == len(spans):
