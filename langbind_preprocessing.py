@@ -132,8 +132,11 @@ def embed(encoder, segments, batch_size, device, dtype):
     ``device``, one segment at a time). The batch is always padded to ``batch_size`` so that every
     forward pass has the same shapes: a segment's embedding then does not depend on which other
     segments share its batch (a resumed run gives the same files as an uninterrupted one)."""
-    frames = [x.to(device, non_blocking=True) for x in segments]
-    frames = [(transform(x) if x.dtype == torch.uint8 else x).transpose(0, 1) for x in frames]
+    def model_input(x):  # one segment's raw frames on the device at a time
+        x = x.to(device, non_blocking=True)
+        return (transform(x) if x.dtype == torch.uint8 else x).transpose(0, 1)
+
+    frames = [model_input(x) for x in segments]
     frames += [frames[0].new_zeros(frames[0].shape)] * (batch_size - len(frames))
     # [B, 3, 8, H, W] viewing [B, 8, 3, H, W] memory: the model's reshape to frames is then free
     pixels = torch.stack(frames).transpose(1, 2)

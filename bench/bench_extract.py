@@ -134,7 +134,8 @@ def decode_all(paths, processes):
 
 def _decoding_side(item):
     job, threads = item
-    return sum(1 for _ in langbind_preprocessing.job_segments(job, threads, raw=True))
+    # shared: each segment built in shared memory, as a DataLoader worker does (about 5 ms a 480x270 segment)
+    return sum(1 for _ in langbind_preprocessing.job_segments(job, threads, shared=True, raw=True))
 
 
 def decode_limit(args, work):

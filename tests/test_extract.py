@@ -457,6 +457,29 @@ def test_raw_frames_transformed_later_equal_the_transformed_ones(library, monkey
     assert mixed.shape == (3, 3, 224, 224) and torch.equal(mixed[:, 1], transform(tall[None])[:, 0])
 
 
+def test_transform_does_not_depend_on_threads(library, monkeypatch):
+    """PyTorch's CPU bilinear resize of 3 channels takes another kernel (other float rounding) with
+    1 thread than with several: the DataLoader workers run 1 thread, the main process --threads. The
+    transform uses the 1-thread kernel whatever the thread count, so --transform_on device (or
+    --num_workers 0) with --threads 2 gives the workers' model input to the bit."""
+    raw = [x for _, x in decode_segments(str(library / 'a.mp4'), windows(12.3), raw=True)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [transform(x) for x in raw]
+        torch.set_num_threads(2)
+        two = [transform(x) for x in raw]
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
+    # and a frame of extreme aspect ratio (a huge resize before the crop) is transformed in the worker
+    monkeypatch.setattr(frames, 'RAW_MAX_PIXELS', 70000)  # 64x48 resizes to 298x224: 66752 pixels
+    assert all(x.dtype == torch.uint8 for _, x in decode_segments(str(library / 'a.mp4'), windows(12.3), raw=True))
+    monkeypatch.setattr(frames, 'RAW_MAX_PIXELS', 60000)
+    assert all(x.shape == (3, 8, 224, 224) for _, x in decode_segments(str(library / 'a.mp4'), windows(12.3), raw=True))
+
+
 def test_rotated_video_is_turned_upright(tmp_path):
     import av
     plain, turned = tmp_path / 'plain.mp4', tmp_path / 'turned.mp4'

@@ -55,7 +55,19 @@ def transform(frames):
     x = torch.as_tensor(frames).float().permute(0, 3, 1, 2)  # channels-last memory: fast resize kernel
     h, w = x.shape[-2:]
     size = (int(math.floor(h / w * SIZE)), SIZE) if w < h else (SIZE, int(math.floor(w / h * SIZE)))
-    x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+    if x.device.type == 'cpu' and torch.get_num_threads() > 1:
+        # PyTorch's CPU bilinear resize picks its kernel by the thread count for 3 channels (1 thread:
+        # the channels-last kernel, else the generic one; different float rounding): always the
+        # 1-thread kernel, as in the DataLoader workers, so that files depend neither on --threads
+        # nor on --num_workers / --transform_on
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
     i, j = int(round((size[0] - SIZE) / 2.0)), int(round((size[1] - SIZE) / 2.0))
     x = x[:, :, i:i + SIZE, j:j + SIZE]
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
@@ -143,7 +155,8 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
     no segment samples (the frames returned are the same either way). ``stats`` (a dict) receives the
     number of frames decoded and converted. ``shared``: build each segment in shared memory (a
     DataLoader worker then hands it over without a copy). ``raw``: leave the transform to the caller
-    (``transform``, e.g. on the GPU) for frames of at most RAW_MAX_PIXELS: such a segment is the
+    (``transform``, e.g. on the GPU) for frames of at most RAW_MAX_PIXELS whose resize (short side 224)
+    is no larger (aspect ratio up to 18:1): such a segment is the
     ``[num, H, W, 3]`` uint8 frames, turned upright (a segment whose frames are larger, or not all of
     one size, is transformed here). Raises DecodeError naming the file and the segment it stopped at."""
     def where(k):
@@ -192,7 +205,10 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
                 while nxt < len(todo) and todo[nxt] <= key:  # < key: the decoder dropped it, take the next
                     if x is None:
                         x = _rgb(frame, reformatter)
-                        small = x.shape[0] * x.shape[1] <= RAW_MAX_PIXELS
+                        h, w = x.shape[:2]
+                        # raw: at most RAW_MAX_PIXELS, and so is its resize before the crop (a frame
+                        # of extreme aspect ratio resizes to a huge one: its failure stays this video's)
+                        small = h * w <= RAW_MAX_PIXELS and SIZE * SIZE * max(h, w) <= RAW_MAX_PIXELS * min(h, w)
                         x = np.array(x) if raw and small else transform(x[None])[:, 0]  # raw: its own copy
                         converted += 1
                     for k, slot in wanted[todo[nxt]]:
