@@ -20,6 +20,7 @@ mean/std, resize the short side to 224 (bilinear), centre crop 224. Resizing and
 both linear, so they are swapped here (normalise the small crop, not the full frame); the result
 equals LanguageBind's to float rounding.
 """
+import functools
 import math
 from collections import defaultdict
 
@@ -49,6 +50,12 @@ def frame_indices(n, num=NUM_FRAMES):
     return np.linspace(0, n - 1, num, dtype=int)
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):
+    """CLIP's mean and std (times 255) on ``device``, made once per device (no copy per segment)."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
+
+
 def transform(frames):
     """``[T, H, W, 3]`` uint8 frames (numpy, or a tensor on any device) -> ``[3, T, 224, 224]`` float32
     model input on the same device."""
@@ -70,7 +77,7 @@ def transform(frames):
         x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
     i, j = int(round((size[0] - SIZE) / 2.0)), int(round((size[1] - SIZE) / 2.0))
     x = x[:, :, i:i + SIZE, j:j + SIZE]
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
+    mean, std = _mean_std(x.device)
     x = (x - mean) / std
     return x.permute(1, 0, 2, 3).contiguous()
 
