@@ -1,10 +1,10 @@
 """Step 3: LanguageBind video embeddings of every segment in a job file (step 2), one store file per video.
 
 DataLoader workers decode the videos (each long video opened once, only the 8 frames per segment
-that are used converted and shrunk); the main process runs the vision tower on batches of
-``--batch_size`` segments taken from several videos and writes a video's file (atomically) as soon
-as all its segments are embedded. Finished videos are skipped, so a killed run is resumed by
-running the same command again. Under ``torchrun --nproc_per_node N`` rank r takes jobs r, r+N, ...
+that are used converted, and shrunk there or, with ``--transform_on device``, on the model's device);
+the main process runs the vision tower on batches of ``--batch_size`` segments taken from several
+videos and writes a video's file (atomically) as soon as all its segments are embedded. Finished
+videos are skipped, so a killed run is resumed by running the same command again. Under ``torchrun --nproc_per_node N`` rank r takes jobs r, r+N, ...
 
 A video that fails (it does not decode, its file cannot be written) never stops the others: it is
 listed in ``<embedding_dir>/failed_<job file name>.csv``, counted in the summary and in
@@ -98,7 +98,8 @@ def job_segments(job, threads=1, shared=False, raw=False):
 
 
 class SegmentFrames(IterableDataset):
-    """Items: ``{'job', 'index': [n], 'pixels': n x [3, 8, 224, 224]}``, chunks of at most ``chunk``
+    """Items: ``{'job', 'index': [n], 'pixels': n x [3, 8, 224, 224]}`` (with ``raw``, possibly
+    ``[8, H, W, 3]`` uint8 frames: ``decode_segments``), chunks of at most ``chunk``
     segments of one job, or ``{'job', 'error'}`` when its video fails (any error: one video never
     stops the others). Each worker takes whole jobs (worker w of W: jobs w, w+W, ...)."""
 

@@ -134,7 +134,7 @@ def decode_all(paths, processes):
 
 def _decoding_side(item):
     job, threads = item
-    # shared: each segment built in shared memory, as a DataLoader worker does (about 5 ms a 480x270 segment)
+    # shared: each segment built in shared memory, as a DataLoader worker does (about 4 ms a raw 480x270 segment, docs/BENCHMARKS.md)
     return sum(1 for _ in langbind_preprocessing.job_segments(job, threads, shared=True, raw=True))
 
 
