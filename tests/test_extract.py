@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -187,6 +188,8 @@ def test_checkpoint_errors(segments, tmp_path, capsys):
         variant('heads_zero', lambda v: v.update(num_attention_heads=0)): 'num_attention_heads 0 (an integer >= 1',
         variant('act_type', lambda v: v.update(hidden_act=['gelu'])): "hidden_act ['gelu'] (a string is needed)",
         variant('channels', lambda v: v.update(num_channels=1)): 'num_channels 1 (step 3 gives',
+        variant('image', lambda v: v.update(image_size=112)): 'image_size 112 (step 3 gives',
+        variant('clip_type', lambda v: v.update(clip_type='vl3')): "clip_type 'vl3' (known: vl, vl_new)",
         variant('int_weights', weights={k: v.long() for k, v in sd.items()}): 'holds torch.int64 values',
         variant('not_tensors', weights={k: 3 for k in sd}): 'is a int, not a tensor',
         variant('width', lambda v: v.update(hidden_size=48)): 'has shape',
@@ -214,6 +217,20 @@ def test_checkpoint_errors(segments, tmp_path, capsys):
     (tmp_path / 'no_config').mkdir()  # a folder, but not a checkpoint
     with pytest.raises(InputError, match='no_config/config.json: cannot read'):
         load_encoder(str(tmp_path / 'no_config'))
+    no_weights = variant('no_weights', weights={})
+    os.remove(os.path.join(no_weights, 'pytorch_model.bin'))
+    with pytest.raises(InputError, match='no_weights: no weights'):
+        load_encoder(no_weights)
+    # one weight in two shards: which one is meant is unknown
+    shards = variant('shards', weights={})
+    key = 'visual_projection.weight'
+    torch.save({k: v for k, v in sd.items()}, os.path.join(shards, 'pytorch_model-1.bin'))
+    torch.save({key: sd[key]}, os.path.join(shards, 'pytorch_model-2.bin'))
+    os.remove(os.path.join(shards, 'pytorch_model.bin'))
+    with open(os.path.join(shards, 'pytorch_model.bin.index.json'), 'w') as f:
+        json.dump({'weight_map': {**{k: 'pytorch_model-1.bin' for k in sd}, key: 'pytorch_model-2.bin'}}, f)
+    with pytest.raises(InputError, match=re.escape(f'{key} and {key} (in pytorch_model-1.bin) are both the weight')):
+        load_encoder(shards)
     empty_index = variant('empty_index', weights={})
     os.remove(os.path.join(empty_index, 'pytorch_model.bin'))
     with open(os.path.join(empty_index, 'model.safetensors.index.json'), 'w') as f:
@@ -281,8 +298,10 @@ def test_end_to_end_resume_and_bad_videos(library, tmp_path, capsys):
         assert meta['random_init'] == '1' and meta['model'] == 'random_init:tiny' and meta['video_id'] == vid
         assert meta['num_frames_per_segment'] == '8' and float(meta['segment_sec']) == 5.0
 
-    # a second run, other batching (no workers): bitwise identical files
-    run(write_jobs(library, emb2, tmp_path / 'j2.json'), '--num_workers', '0')
+    # a second run, other batching (no workers): bitwise identical files; timed from its own start
+    called = time.time()
+    again = run(write_jobs(library, emb2, tmp_path / 'j2.json'), '--num_workers', '0')
+    assert again['first_batch_s'] <= again['total_s'] <= time.time() - called
     for vid in ['a', 'b', 'c']:
         assert (emb2 / f'{vid}.safetensors').read_bytes() == (emb1 / f'{vid}.safetensors').read_bytes()
 
