@@ -38,7 +38,10 @@ from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder
 from util.misc import default_device
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-CHUNK = 8  # segments per item a worker sends, in shared memory: 4.8 MB each (raw uint8: 3.1 MB at 480x270, 22 MB at 720p)
+# a worker's item (in shared memory): at most CHUNK segments (4.8 MB each transformed), and no more
+# segments once it holds CHUNK_BYTES (raw uint8 segments: 3.1 MB at 480x270, 22 MB at 720p)
+CHUNK = 8
+CHUNK_BYTES = CHUNK * 3 * NUM_FRAMES * 224 * 224 * 4
 FAILURE_COLUMNS = ['video_id', 'video_path', 'reason']
 
 
@@ -116,7 +119,7 @@ class SegmentFrames(IterableDataset):
                 for i, x in job_segments(self.jobs[j], threads, shared=info is not None, raw=self.raw):
                     index.append(i)
                     pixels.append(x)
-                    if len(pixels) == self.chunk:
+                    if len(pixels) == self.chunk or sum(p.nbytes for p in pixels) >= CHUNK_BYTES:
                         yield {'job': j, 'index': index, 'pixels': pixels}
                         index, pixels = [], []
             except Exception as e:  # noqa: BLE001 -- reported as this video's failure

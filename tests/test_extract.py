@@ -499,6 +499,21 @@ def test_transform_does_not_depend_on_threads(library, monkeypatch):
     assert all(x.shape == (3, 8, 224, 224) for _, x in decode_segments(str(library / 'a.mp4'), windows(12.3), raw=True))
 
 
+def test_worker_items_are_bounded_in_bytes(library, tmp_path, monkeypatch):
+    """A worker's item holds at most CHUNK segments, and no more once it holds CHUNK_BYTES (raw
+    frames of large videos); the segments are the same either way."""
+    jobs = json.loads(write_jobs(library, tmp_path / 'e', tmp_path / 'j.json').read_text())['jobs'][:2]
+    items = list(step3.SegmentFrames(jobs, 2, raw=True))
+    assert [len(it['index']) for it in items] == [2, 1, 2]  # a: 3 segments, b: 2
+    monkeypatch.setattr(step3, 'CHUNK_BYTES', 8 * 48 * 64 * 3)  # one raw segment of either video
+    small = list(step3.SegmentFrames(jobs, 2, raw=True))
+    assert [len(it['index']) for it in small] == [1, 1, 1, 1, 1]
+    def flat(its):
+        return [(it['job'], i, x) for it in its for i, x in zip(it['index'], it['pixels'])]
+    assert [(j, i) for j, i, _ in flat(small)] == [(j, i) for j, i, _ in flat(items)]
+    assert all(torch.equal(x, y) for (_, _, x), (_, _, y) in zip(flat(small), flat(items)))
+
+
 def test_rotated_video_is_turned_upright(tmp_path):
     import av
     plain, turned = tmp_path / 'plain.mp4', tmp_path / 'turned.mp4'
