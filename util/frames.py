@@ -62,19 +62,17 @@ def transform(frames):
     x = torch.as_tensor(frames).float().permute(0, 3, 1, 2)  # channels-last memory: fast resize kernel
     h, w = x.shape[-2:]
     size = (int(math.floor(h / w * SIZE)), SIZE) if w < h else (SIZE, int(math.floor(w / h * SIZE)))
-    if x.device.type == 'cpu' and torch.get_num_threads() > 1:
-        # PyTorch's CPU bilinear resize picks its kernel by the thread count for 3 channels (1 thread:
-        # the channels-last kernel, else the generic one; different float rounding): always the
-        # 1-thread kernel, as in the DataLoader workers, so that files depend neither on --threads
-        # nor on --num_workers / --transform_on
-        threads = torch.get_num_threads()
+    # PyTorch's CPU bilinear resize picks its kernel by the thread count for 3 channels (1 thread: the
+    # channels-last kernel, else the generic one; different float rounding): on CPU always the 1-thread
+    # kernel, as in the DataLoader workers, so that files depend neither on --threads nor on
+    # --num_workers / --transform_on
+    threads = torch.get_num_threads()
+    if x.device.type == 'cpu':
         torch.set_num_threads(1)
-        try:
-            x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
-        finally:
-            torch.set_num_threads(threads)
-    else:
+    try:
         x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+    finally:
+        torch.set_num_threads(threads)
     i, j = int(round((size[0] - SIZE) / 2.0)), int(round((size[1] - SIZE) / 2.0))
     x = x[:, :, i:i + SIZE, j:j + SIZE]
     mean, std = _mean_std(x.device)
