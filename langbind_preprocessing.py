@@ -4,7 +4,8 @@ DataLoader workers decode the videos (each long video opened once, only the 8 fr
 that are used converted, and shrunk there or, with ``--transform_on device``, on the model's device);
 the main process runs the vision tower on batches of ``--batch_size`` segments taken from several
 videos and writes a video's file (atomically) as soon as all its segments are embedded. Finished
-videos are skipped, so a killed run is resumed by running the same command again. Under ``torchrun --nproc_per_node N`` rank r takes jobs r, r+N, ...
+videos are skipped, so a killed run is resumed by running the same command again. Under
+``torchrun --nproc_per_node N`` rank r takes jobs r, r+N, ...
 
 A video that fails (it does not decode, its file cannot be written) never stops the others: it is
 listed in ``<embedding_dir>/failed_<job file name>.csv``, counted in the summary and in

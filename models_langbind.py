@@ -53,7 +53,7 @@ class VideoConfig:
     clip_type: str = 'vl'
     tube_size: int = 1
     lora_r: int = 2
-    lora_alpha: int = 16
+    lora_alpha: float = 16
     projection_dim: int = 512  # LanguageBindVideoConfig's, at the top level of config.json
 
     @classmethod
@@ -63,18 +63,14 @@ class VideoConfig:
 
     def check(self):
         """The reason this configuration is not a LanguageBind video model we can run, or None."""
-        def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-        for name in ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads', 'num_channels',
-                     'image_size', 'patch_size', 'num_frames', 'projection_dim', 'lora_r'):
-            v, low = getattr(self, name), 0 if name == 'lora_r' else 1
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-                return f'{name} {v!r} (an integer >= {low} is needed)'
-        for name, kind, ok in (('layer_norm_eps', 'a number', number), ('lora_alpha', 'a number', number),
-                               ('hidden_act', 'a string', lambda v: isinstance(v, str)),
-                               ('clip_type', 'a string', lambda v: isinstance(v, str))):
-            if not ok(getattr(self, name)):
-                return f'{name} {getattr(self, name)!r} ({kind} is needed)'
+        for f in fields(self):   # JSON gives any type: each value must have its field's (bool is no int)
+            v, low = getattr(self, f.name), 0 if f.name == 'lora_r' else 1
+            if f.type is int and not (type(v) is int and v >= low):
+                return f'{f.name} {v!r} (an integer >= {low} is needed)'
+            if f.type is float and not (type(v) in (int, float)):
+                return f'{f.name} {v!r} (a number is needed)'
+            if f.type is str and not isinstance(v, str):
+                return f'{f.name} {v!r} (a string is needed)'
         if not self.add_time_attn:
             return 'add_time_attn is false (the package builds no video embeddings without it)'
         if self.clip_type not in ('vl', 'vl_new'):

@@ -43,8 +43,8 @@ def layer_norm(x, weight, bias, eps=1e-6):
 class APHead(nn.Module):
     """A timm ``Block`` (qkv bias, LayerNorm eps 1e-6, GELU MLP) over all tokens, LayerNorm, linear
     classifier on the CLS token; initialised as those timm modules are (the block's ``attn.qkv`` is
-    kept as its three parts ``attn_{q,k,v}_{weight,bias}``; the key bias adds the same to every score of
-a query, so it cancels in the softmax and gets no gradient).
+    kept as its three parts ``attn_{q,k,v}_{weight,bias}``; the key bias adds the same to every score
+    of a query, so it cancels in the softmax and gets no gradient).
 
     Only the block's output at the CLS token is used, so only that token's query is computed, and
     the key/value projections are folded into it: with ``n = LayerNorm(x)`` (no affine), the score

@@ -2,8 +2,8 @@
 
     python bench/bench_encoder.py --config huge --device cuda --dtype bf16 --batch_size 64
 
-Randomly initialised weights of step 3's encoder class (``models_langbind.VideoEncoder``) (``--config huge`` has the size of
-LanguageBind_Video_Huge: ViT-H/14 with temporal attention, 8 frames of 224x224), so the figure is the
+Randomly initialised weights of step 3's encoder (``models_langbind.VideoEncoder``; ``--config huge``
+has the size of LanguageBind_Video_Huge: ViT-H/14 with temporal attention, 8 frames of 224x224), so the figure is the
 encoder's speed, not a result. One JSON line per batch size: segments per second and peak GPU memory.
 """
 import argparse

@@ -17,8 +17,8 @@ defaults with B-frames, textured moving content), times decoding every frame of 
 number of decoding workers: ``ratio`` = step 3's work time (its summary's ``seconds``) / the time to
 decode everything; ``decoding_side_ratio``: the same for step 3's decoding alone with the transform
 left to the model's device (``--transform_on device``, the default on a GPU), i.e. the CPU work of a
-GPU server, timed in as many processes; ``startup_s`` = from step 3's first line (its imports included; the interpreter's own
-start, about 0.04 s, is not) to its first batch embedded.
+GPU server, timed in as many processes; ``startup_s`` = from step 3's first line (its imports
+included; the interpreter's own start, about 0.04 s, is not) to its first batch embedded.
 """
 import argparse
 import contextlib
@@ -134,7 +134,8 @@ def decode_all(paths, processes):
 
 def _decoding_side(item):
     job, threads = item
-    # shared: each segment built in shared memory, as a DataLoader worker does (about 4 ms a raw 480x270 segment, docs/BENCHMARKS.md)
+    # shared: each segment built in shared memory, as a DataLoader worker does (about 4 ms a raw
+    # 480x270 segment, docs/BENCHMARKS.md)
     return sum(1 for _ in langbind_preprocessing.job_segments(job, threads, shared=True, raw=True))
 
 

@@ -1,4 +1,5 @@
 import argparse
+import os
 
 import pytest
 import torch
@@ -333,5 +334,7 @@ def test_folder_lock_on_a_file_system_without_locks(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, 'No locks available')
     monkeypatch.setattr(fcntl, 'flock', no_locks)
     lock = fileio.FolderLock(str(tmp_path / 'out'))      # runs unlocked rather than not at all
+    assert (tmp_path / 'out' / '.lock').read_text() == f'pid {os.getpid()}'
     lock.release()
+    assert lock.fd is None
     lock.release()                                      # twice is harmless

@@ -308,8 +308,8 @@ def mixed_csvs(tmp_path_factory):
                                                         (False, 8, 1), (False, 20, 32), (True, 5, 32)])
 def test_batches_equal_per_item_samples_padded_as_before(mixed_csvs, train, num_patches, multiple):
     """A batch built in place is byte for byte the loader as it was (bench/bench_pretrain.py's
-    ``WholeFileDataset``: whole video loaded, window cut, tiled, cut to num_patches, padded as the collate did): windows, randomness, values, padding, the
-    rounding to ``multiple`` but not past num_patches; ``ds[i]`` is the same sample."""
+    ``WholeFileDataset``: whole video loaded, window cut, tiled, cut to num_patches, padded as the
+    collate did): windows, randomness, values, padding, the rounding to ``multiple`` but not past num_patches; ``ds[i]`` is the same sample."""
     ds, old = (cls(mixed_csvs, D, num_patches, 0.5, seed=2, train=train, pad_multiple=multiple)
                for cls in (PretrainDataset, bench_pretrain.WholeFileDataset))
     for epoch in (0, 3):

@@ -72,6 +72,7 @@ def checkpoint_key(key):
 
 
 def read_config(folder):
+    """The ``VideoConfig`` of a checkpoint folder's ``config.json``."""
     path = os.path.join(folder, 'config.json')
     try:
         with open(path) as f:
@@ -161,7 +162,8 @@ def load_encoder(model_path=DEFAULT_MODEL, random_init=None, log=print):
     reason = config.check() or next((f'{k} {getattr(config, k)!r} (step 3 gives {NUM_FRAMES} RGB frames of '
                                      f'{SIZE}x{SIZE} a segment)' for k, v in needs.items() if getattr(config, k) != v), None)
     if reason:
-        raise InputError(f'{os.path.join(folder, "config.json")}: not a LanguageBind video model step 3 can run: {reason}')
+        raise InputError(f'{os.path.join(folder, "config.json")}: not a LanguageBind video model step 3 can '
+                         f'run: {reason}')
     with torch.device('meta'):  # no random initialisation (seconds for Huge): every weight is loaded below
         model = VideoEncoder(config)
     weights, files = read_weights(folder)
