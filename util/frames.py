@@ -28,7 +28,6 @@ import av
 from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from util.errors import InputError
 
@@ -70,7 +69,10 @@ def transform(frames):
     if x.device.type == 'cpu':
         torch.set_num_threads(1)
     try:
-        x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+        # = F.interpolate(x, size, mode='bilinear', align_corners=False), always the native kernel: under
+        # step 3's deterministic mode F.interpolate runs a Python decomposition on CUDA instead (written
+        # for a deterministic backward; its first call imported modules for 3 s on the GPU machine)
+        x = torch.ops.aten.upsample_bilinear2d.vec(x, size, False, None)
     finally:
         torch.set_num_threads(threads)
     i, j = int(round((size[0] - SIZE) / 2.0)), int(round((size[1] - SIZE) / 2.0))
