@@ -11,8 +11,8 @@ Throughput counts steps 1 + 3 (probe or re-encode, then embed). Step 3 loads the
 while its workers already decode, so its time includes that overlap (its summary's ``model_load_s``;
 about 0.1 s for the tiny encoder, much more for ``--config huge``).
 
-``--decode_limit`` generates realistic H.264 (2 videos of 2 minutes, 480x270, 30 fps, libx264's
-defaults with B-frames, textured moving content), times decoding every frame of them with
+``--decode_limit`` generates realistic H.264 (``--dl_videos`` videos, by default 2 of 2 minutes;
+480x270, 30 fps, libx264's defaults with B-frames, textured moving content), times decoding every frame of them with
 ``--num_workers`` processes, then step 3 (tiny random encoder, run as its own process) with the same
 number of decoding workers: ``ratio`` = step 3's work time (its summary's ``seconds``) / the time to
 decode everything; ``decoding_side_ratio``: the same for step 3's decoding alone with the transform
@@ -60,7 +60,10 @@ def get_args_parser():
     parser.add_argument('--decode_limit', action='store_true',
                         help='only the decode-limit measure (step 3 against decoding every frame)')
     parser.add_argument('--dl_seconds', default=120.0, type=float,
-                        help='length of each decode-limit video (2 videos, 480x270, 30 fps)')
+                        help='length of each decode-limit video (480x270, 30 fps)')
+    parser.add_argument('--dl_videos', default=2, type=int,
+                        help='decode-limit videos (with as many --num_workers, each decoder runs one FFmpeg '
+                             'thread per core / workers: e.g. 16 and 16 on a 16-core GPU server)')
     return parser
 
 
@@ -139,15 +142,18 @@ def _decoding_side(item):
     return sum(1 for _ in langbind_preprocessing.job_segments(job, threads, shared=True, raw=True))
 
 
+def _texture_video(item):
+    path, seconds, seed = item
+    write_video(path, moving_texture_frames(seconds, 30, (480, 270), seed=seed), fps=30)
+
+
 def decode_limit(args, work):
     video_dir = os.path.join(work, 'dl_videos')
     os.makedirs(video_dir, exist_ok=True)
-    paths = []
-    for i in range(2):
-        path = os.path.join(video_dir, f'texture{i}.mp4')
-        if not os.path.isfile(path):
-            write_video(path, moving_texture_frames(args.dl_seconds, 30, (480, 270), seed=i), fps=30)
-        paths.append(path)
+    paths = [os.path.join(video_dir, f'texture{i}.mp4') for i in range(args.dl_videos)]
+    todo = [(path, args.dl_seconds, i) for i, path in enumerate(paths) if not os.path.isfile(path)]
+    with ProcessPoolExecutor(max(1, min(len(todo), os.cpu_count()))) as pool:
+        list(pool.map(_texture_video, todo))
     seg_dir, emb_dir = os.path.join(work, 'dl_segments'), os.path.join(work, 'dl_embeddings')
     shutil.rmtree(emb_dir, ignore_errors=True)
     with contextlib.redirect_stdout(sys.stderr):
@@ -175,7 +181,7 @@ def decode_limit(args, work):
          decoding_side_s=round(side_s, 2), decoding_side_ratio=round(side_s / decode_s, 3),
          startup_s=summary['first_batch_s'],
          frames=frames, segments=summary['segments'], num_workers=args.num_workers, video='480x270@30',
-         video_seconds=args.dl_seconds, num_videos=2, megabytes=round(sum(map(os.path.getsize, paths)) / 1e6, 1),
+         video_seconds=args.dl_seconds, num_videos=args.dl_videos, megabytes=round(sum(map(os.path.getsize, paths)) / 1e6, 1),
          cpus=os.cpu_count(), config='tiny', random_init=True)
 
 
