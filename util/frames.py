@@ -10,8 +10,11 @@ Each video is read twice: its packets (no decoding) to learn every frame's times
 sequential decode in which only the chosen frames are converted to RGB and shrunk at once, and in
 which the decoder skips the non-reference frames (B-frames nothing else is predicted from) that no
 segment samples: about half the frames of an H.264 file with libx264's defaults. Reference frames are
-always decoded, so the frames kept are bit for bit those of a full decode (also with open GOPs: the
-file is read from its start, never entered by seeking). A window holding no frame (a pause in a
+always decoded, so the frames kept are bit for bit those of a full decode. With several threads,
+H.264 and HEVC in MP4 or Matroska are cut at their IDR pictures (where decoding may start without
+changing any frame) into parts of whole GOPs, each sought to and decoded on its own thread, and
+stopped after its last sampled frame; other videos (open GOPs among them) are decoded in one piece
+from their start, with FFmpeg's threads. A window holding no frame (a pause in a
 variable-frame-rate video) takes the last frame before it. Rotated videos (a display matrix, as
 phones write) are turned upright as FFmpeg's command line does.
 
@@ -20,9 +23,12 @@ mean/std, resize the short side to 224 (bilinear), centre crop 224. Resizing and
 both linear, so they are swapped here (normalise the small crop, not the full frame); the result
 equals LanguageBind's to float rounding.
 """
+import bisect
 import functools
 import math
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 from av.video.reformatter import VideoReformatter
@@ -82,23 +88,54 @@ def transform(frames):
     return x.permute(1, 0, 2, 3).contiguous()
 
 
+def _nal_length_size(codec):
+    """Bytes of each NAL unit's length prefix in packets of an H.264 / HEVC stream stored as in MP4 and
+    Matroska (its extradata an avcC / hvcC record), else None."""
+    x = codec.extradata or b''
+    if codec.name == 'h264' and len(x) >= 7 and x[0] == 1:
+        return (x[4] & 3) + 1
+    if codec.name == 'hevc' and len(x) >= 23 and x[0] == 1:
+        return (x[21] & 3) + 1
+    return None
+
+
+def _is_idr(data, codec_name, size):
+    """Whether a packet (length-prefixed NAL units) holds an IDR picture: decoding may start there and
+    give exactly the frames of a decode from the file's start (no later frame refers to an earlier one,
+    and no earlier frame is shown after it)."""
+    i = 0
+    while i + size < len(data):
+        n = int.from_bytes(data[i:i + size], 'big')
+        i += size
+        if n <= 0 or i + n > len(data):
+            return False
+        if (data[i] & 0x1f == 5) if codec_name == 'h264' else ((data[i] >> 1) & 0x3f in (19, 20)):
+            return True
+        i += n
+    return False
+
+
 def _frame_keys(container, stream, rate):
     """Keys of all frames in presentation order, their times (s from the first frame), the time the
-    last frame ends (its time plus its duration), and whether the keys are timestamps (else decode
-    positions, for containers without timestamps)."""
-    pts, end = [], None
+    last frame ends (its time plus its duration), whether the keys are timestamps (else decode
+    positions, for containers without timestamps), and the timestamps of the IDR pictures (H.264 and
+    HEVC in MP4 or Matroska; else none)."""
+    pts, end, idr = [], None, []
+    size = _nal_length_size(stream.codec_context) if container.format.name in SEEK_EXACT_FORMATS else None
     for p in container.demux(stream):
         if p.size:
             pts.append(p.pts)
             if p.pts is not None and p.duration:
                 end = p.pts + p.duration if end is None else max(end, p.pts + p.duration)
+            if size and p.is_keyframe and p.pts is not None and _is_idr(bytes(p), stream.codec_context.name, size):
+                idr.append(p.pts)
     if pts and None not in pts:
         pts.sort()
         tb = stream.time_base  # ints divided as float(Fraction) divides them: the same floats, 10x faster
         times = [(p - pts[0]) * tb.numerator / tb.denominator for p in pts]
         last = float((end - pts[0]) * stream.time_base) if end is not None else times[-1] + 1 / rate
-        return pts, times, max(last, times[-1]), True
-    return list(range(len(pts))), [i / rate for i in range(len(pts))], len(pts) / rate, False
+        return pts, times, max(last, times[-1]), True, sorted(idr)
+    return list(range(len(pts))), [i / rate for i in range(len(pts))], len(pts) / rate, False, []
 
 
 def _rgb(frame, reformatter):
@@ -114,16 +151,23 @@ def _rgb(frame, reformatter):
     return np.ascontiguousarray(np.rot90(x, k=turns)) if turns else x
 
 
-def _packets_then_flush(container, stream, need):
+def _packets_then_flush(container, stream, need, start=None):
     """Frames of ``stream`` decoded packet by packet. Packets whose frame is not in ``need`` (a set of
     presentation timestamps; None: decode everything) are sent with ``skip_frame = NONREF``: the
     decoder then drops them when no other frame refers to them, and decodes them otherwise, so every
-    frame it outputs is exactly the frame a full decode gives."""
+    frame it outputs is exactly the frame a full decode gives. ``start``: the timestamp of an IDR
+    picture the container was just sought to: packets before it are not sent."""
     codec = stream.codec_context
-    mode = 'DEFAULT'
+    codec.skip_frame = mode = 'DEFAULT'
     for packet in container.demux(stream):
         if not packet.size:
             continue
+        if start is not None:
+            if packet.pts != start:
+                if packet.dts is not None and packet.dts > start:
+                    raise ValueError(f'seeking missed the key frame at timestamp {start}')
+                continue
+            start = None
         if need is not None:
             want = 'DEFAULT' if packet.pts is None or packet.pts in need else 'NONREF'
             if want != mode:
@@ -152,16 +196,101 @@ def _assemble(items, shared):
 
 # codecs whose decoders honour skip_frame = NONREF by dropping only frames nothing refers to
 SKIP_NONREF_CODECS = {'h264', 'hevc', 'mpeg2video', 'mpeg1video'}
+# containers whose seeking to a key frame's timestamp lands on that key frame (MP4 / MOV, Matroska)
+SEEK_EXACT_FORMATS = {'mov,mp4,m4a,3gp,3g2,mj2', 'matroska,webm'}
+# a part of a video decoded on its own thread holds at least this many sampled frames (one segment)
+PART_FRAMES = NUM_FRAMES
+
+
+def _sampled(container, stream, todo, need, by_pts, count, start=None):
+    """``(keys, frame)``: for the sorted frame keys ``todo``, each decoded frame that some of them take
+    (a key takes the first frame output at or after it: a frame the decoder dropped is replaced by
+    the next), as upright RGB, in order; stops once every key has its frame. ``need``: as in
+    ``_packets_then_flush``. ``count[0]`` counts the frames decoded."""
+    reformatter = VideoReformatter()
+    nxt = 0
+    for pos, frame in enumerate(_packets_then_flush(container, stream, need, start)):
+        count[0] += 1
+        key = frame.pts if by_pts else pos
+        if key is None:
+            continue
+        end = bisect.bisect_right(todo, key, nxt)
+        if end > nxt:
+            yield todo[nxt:end], _rgb(frame, reformatter)
+            nxt = end
+        if nxt == len(todo):
+            return
+
+
+def _parts(todo, idr):
+    """``[(start, keys)]``: the sorted frame keys ``todo`` cut at IDR pictures (``start``: the IDR's
+    timestamp, None for the keys before the first one), whole GOPs and at least PART_FRAMES keys a
+    part: no frame is decoded by two parts but those the decoder holds back to reorder."""
+    parts, gop = [], None  # gop: the IDR before the last key placed
+    for key in todo:
+        i = bisect.bisect_right(idr, key)
+        start = idr[i - 1] if i else None
+        if parts and (start == gop or len(parts[-1][1]) < PART_FRAMES):  # never cut inside a GOP
+            parts[-1][1].append(key)
+        else:
+            parts.append((start, [key]))
+        gop = start
+    return parts
+
+
+def _sampled_in_parts(path, parts, need, threads, count, where):
+    """``_sampled`` over the whole video, its ``parts`` decoded on ``threads`` threads (each with its
+    own container, sought to the part's IDR picture, and one FFmpeg thread; PyAV lets go of the GIL
+    while decoding), in order, with at most ``threads + 1`` parts decoded ahead."""
+    local, opened = threading.local(), []
+
+    def run(start, keys):
+        if not hasattr(local, 'container'):
+            local.container = av.open(path)
+            opened.append(local.container)
+        container = local.container
+        stream = container.streams.video[0]
+        n = [0]
+        try:
+            if start is None:
+                container.seek(0)
+            else:
+                container.seek(start, stream=stream, backward=True, any_frame=False)
+            out = list(_sampled(container, stream, keys, need, True, n, start))
+        except (av.FFmpegError, ValueError) as e:
+            raise DecodeError(f'{where(keys[0])}: decode error ({e})') from None
+        if sum(len(k) for k, _ in out) < len(keys):
+            raise DecodeError(f'{where(keys[0])}: video data ends before all its frames were decoded')
+        return out, n[0]
+
+    pool, queue = ThreadPoolExecutor(threads), deque()
+
+    def take():
+        out, n = queue.popleft().result()
+        count[0] += n
+        return out
+
+    try:
+        for part in parts:
+            queue.append(pool.submit(run, *part))
+            if len(queue) > threads:
+                yield from take()
+        while queue:
+            yield from take()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for container in opened:
+            container.close()
 
 
 def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, stats=None, shared=False, raw=False):
     """Yield ``(k, [3, num, 224, 224])`` for each window ``k`` of ``windows`` (``[(start, end)]`` in
-    seconds; ``None``: the whole file is one segment), in order, opening ``path`` once and decoding it
-    once (``threads`` FFmpeg threads). Each is a view of ``[num, 3, 224, 224]`` memory, the layout
+    seconds; ``None``: the whole file is one segment), in order, decoding each frame at most once
+    (``threads``: parts decoded in parallel, see the module's docstring, else FFmpeg threads). Each is a view of ``[num, 3, 224, 224]`` memory, the layout
     the model reshapes to. A window that holds no frame (a pause in a variable-frame-rate video) takes
     the last frame before it, ``num`` times. ``skip``: let the decoder drop the non-reference frames
     no segment samples (the frames returned are the same either way). ``stats`` (a dict) receives the
-    number of frames decoded and converted. ``shared``: build each segment in shared memory (a
+    number of frames decoded and converted, and of parts. ``shared``: build each segment in shared memory (a
     DataLoader worker then hands it over without a copy). ``raw``: leave the transform to the caller
     (``transform``, e.g. on the GPU) for frames of at most RAW_MAX_PIXELS whose resize (short side 224)
     is no larger (aspect ratio up to 18:1): such a segment is the
@@ -180,7 +309,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         stream = container.streams.video[0]
         try:
             rate = float(stream.average_rate or stream.guessed_rate or 25)
-            keys, times, end_time, by_pts = _frame_keys(container, stream, rate)
+            keys, times, end_time, by_pts, idr = _frame_keys(container, stream, rate)
         except av.FFmpegError as e:
             raise DecodeError(f'{path}: read error ({e})') from None
         if not keys:
@@ -197,43 +326,40 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         todo = sorted(wanted)  # kept frames in presentation order
         buffers = [None] * len(spans)  # each segment's frames, assembled when all are there
         missing = [num] * len(spans)
-        done = nxt = decoded = converted = 0
+        done = converted = 0
+        count = [0]  # frames decoded
         skip = skip and by_pts and stream.codec_context.name in SKIP_NONREF_CODECS
-        reformatter = VideoReformatter()
+        parts = _parts(todo, idr) if skip and threads > 1 else []
         try:
-            container.seek(0)
-            if threads > 1:
-                stream.thread_type, stream.codec_context.thread_count = 'AUTO', threads
-            for pos, frame in enumerate(_packets_then_flush(container, stream, set(todo) if skip else None)):
-                decoded += 1
-                key = frame.pts if by_pts else pos
-                if key is None:
-                    continue
-                x = None
-                while nxt < len(todo) and todo[nxt] <= key:  # < key: the decoder dropped it, take the next
-                    if x is None:
-                        x = _rgb(frame, reformatter)
-                        h, w = x.shape[:2]
-                        # raw: at most RAW_MAX_PIXELS, and so is its resize before the crop (a frame
-                        # of extreme aspect ratio resizes to a huge one: its failure stays this video's)
-                        small = h * w <= RAW_MAX_PIXELS and SIZE * SIZE * max(h, w) <= RAW_MAX_PIXELS * min(h, w)
-                        x = np.array(x) if raw and small else transform(x[None])[:, 0]  # raw: its own copy
-                        converted += 1
-                    for k, slot in wanted[todo[nxt]]:
+            if len(parts) > 1:  # one FFmpeg thread per part, parts in parallel
+                frames = _sampled_in_parts(path, parts, set(todo), threads, count, lambda key: where(wanted[key][0][0]))
+            else:
+                container.seek(0)
+                if threads > 1:
+                    stream.thread_type, stream.codec_context.thread_count = 'AUTO', threads
+                frames = _sampled(container, stream, todo, set(todo) if skip else None, by_pts, count)
+            for keys, x in frames:
+                h, w = x.shape[:2]
+                # raw: at most RAW_MAX_PIXELS, and so is its resize before the crop (a frame of extreme
+                # aspect ratio resizes to a huge one: its failure stays this video's)
+                small = h * w <= RAW_MAX_PIXELS and SIZE * SIZE * max(h, w) <= RAW_MAX_PIXELS * min(h, w)
+                x = np.array(x) if raw and small else transform(x[None])[:, 0]  # raw: its own copy
+                converted += 1
+                for key in keys:
+                    for k, slot in wanted[key]:
                         if buffers[k] is None:
                             buffers[k] = [None] * num
                         buffers[k][slot] = x
                         missing[k] -= 1
-                    nxt += 1
                 while done < len(spans) and missing[done] == 0:
                     yield done, _assemble(buffers[done], shared)
                     buffers[done] = None
                     done += 1
-                if done == len(spans):
-                    return
+            if done == len(spans):
+                return
         except av.FFmpegError as e:
             raise DecodeError(f'{where(done)}: decode error ({e})') from None
         finally:
             if stats is not None:
-                stats.update(decoded=decoded, converted=converted)
+                stats.update(decoded=count[0], converted=converted, parts=max(len(parts), 1))
         raise DecodeError(f'{where(done)}: video data ends before all its frames were decoded')
