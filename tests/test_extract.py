@@ -580,6 +580,23 @@ def test_parts_decoded_in_parallel_keep_the_frames(tmp_path, name, codec, option
         assert torch.equal(transform(x.numpy()) if x.dtype == torch.uint8 else x, y)
 
 
+def test_part_whose_seek_misses_its_idr_decodes_from_the_start(tmp_path, monkeypatch):
+    """A part whose seek does not land on its IDR picture (as in a Matroska file without an index) is
+    decoded from the file's start instead: the same frames."""
+    from util.synthetic import moving_texture_frames
+    path = str(tmp_path / 'closed.mp4')
+    write_video(path, moving_texture_frames(4.0, 30, (160, 96)), fps=30,
+                options={'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0'})
+    wins = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
+    ref = list(decode_segments(path, wins, threads=1))
+    parts = frames._parts
+    monkeypatch.setattr(frames, '_parts', lambda todo, idr: [(None if s is None else s + 1, k) for s, k in parts(todo, idr)])
+    stats = {}
+    ours = list(decode_segments(path, wins, threads=2, stats=stats))
+    assert stats['parts'] > 1 and [k for k, _ in ours] == [k for k, _ in ref]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(ours, ref))
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_share_jobs_and_failures(library, tmp_path):
     """Two ranks: every video once, files identical to one process's, the failures of every rank in

@@ -165,7 +165,7 @@ def _packets_then_flush(container, stream, need, start=None):
         if start is not None:
             if packet.pts != start:
                 if packet.dts is not None and packet.dts > start:
-                    raise ValueError(f'seeking missed the key frame at timestamp {start}')
+                    raise _SeekMissed
                 continue
             start = None
         if need is not None:
@@ -200,6 +200,10 @@ SKIP_NONREF_CODECS = {'h264', 'hevc', 'mpeg2video', 'mpeg1video'}
 SEEK_EXACT_FORMATS = {'mov,mp4,m4a,3gp,3g2,mj2', 'matroska,webm'}
 # a part of a video decoded on its own thread holds at least this many sampled frames (one segment)
 PART_FRAMES = NUM_FRAMES
+
+
+class _SeekMissed(Exception):
+    """Seeking to an IDR picture landed after it (e.g. a Matroska file without an index)."""
 
 
 def _sampled(container, stream, todo, need, by_pts, count, start=None):
@@ -252,12 +256,16 @@ def _sampled_in_parts(path, parts, need, threads, count, where):
         stream = container.streams.video[0]
         n = [0]
         try:
+            if start is not None:
+                try:
+                    container.seek(start, stream=stream, backward=True, any_frame=False)
+                    out = list(_sampled(container, stream, keys, need, True, n, start))
+                except _SeekMissed:
+                    start = None  # this part from the file's start instead: slower, the same frames
             if start is None:
                 container.seek(0)
-            else:
-                container.seek(start, stream=stream, backward=True, any_frame=False)
-            out = list(_sampled(container, stream, keys, need, True, n, start))
-        except (av.FFmpegError, ValueError) as e:
+                out = list(_sampled(container, stream, keys, need, True, n))
+        except av.FFmpegError as e:
             raise DecodeError(f'{where(keys[0])}: decode error ({e})') from None
         if sum(len(k) for k, _ in out) < len(keys):
             raise DecodeError(f'{where(keys[0])}: video data ends before all its frames were decoded')
