@@ -34,7 +34,7 @@ from tqdm import tqdm
 from util.embeddings import EmbeddingError, is_complete, same_encoder, save_video_embeddings, store_encoder
 from util.errors import InputError, run_main
 from util.fileio import atomic_write_text, remove_stale_temporaries
-from util.frames import NUM_FRAMES, DecodeError, decode_segments, transform
+from util.frames import NUM_FRAMES, SIZE, DecodeError, decode_segments, transform
 from util.langbind import DEFAULT_MODEL, RANDOM_CONFIGS, load_encoder
 from util.misc import default_device
 
@@ -113,7 +113,7 @@ class SegmentFrames(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        threads = max(1, num_cpus() // nw)  # FFmpeg threads: the workers share the cores
+        threads = max(1, num_cpus() // nw)  # decoding threads (util.frames): the workers share the cores
         for j in range(wid, len(self.jobs), nw):
             index, pixels = [], []
             try:
@@ -319,6 +319,9 @@ def main(args):
     raw = args.transform_on == 'device' or (args.transform_on == 'auto' and device.type == 'cuda')
     loader = iter(DataLoader(SegmentFrames(jobs, CHUNK, raw), batch_size=None, num_workers=args.num_workers))
     encoder = load_encoder(args.model_path, args.random_init).to(device)
+    if device.type == 'cuda':  # the first forward pass loads its kernels (0.4 s on an H200): now, while
+        # the workers decode the first segments (no output depends on it)
+        embed(encoder, [torch.zeros(NUM_FRAMES, SIZE, SIZE, 3, dtype=torch.uint8)], args.batch_size, device, dtype)
     model_load_s = time.time() - start
     if args.random_init:
         log(f'WARNING: random {args.random_init} encoder (testing only); files are marked random_init=1')

@@ -129,7 +129,8 @@ def in_processes(fn, items, processes):
 
 def decode_all(paths, processes):
     """Seconds to decode every frame of ``paths`` with ``processes`` processes, each taking whole
-    videos with its share of the cores as FFmpeg threads (as step 3's workers do), and the frames."""
+    videos with its share of the cores as FFmpeg threads (the share step 3's workers get), and the
+    frames."""
     threads = max(1, langbind_preprocessing.num_cpus() // max(processes, 1))
     seconds, counts = in_processes(_decode_count, [(p, threads) for p in paths], processes)
     return seconds, sum(counts)

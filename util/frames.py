@@ -293,9 +293,9 @@ def _sampled_in_parts(path, parts, need, threads, count, where):
 
 def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, stats=None, shared=False, raw=False):
     """Yield ``(k, [3, num, 224, 224])`` for each window ``k`` of ``windows`` (``[(start, end)]`` in
-    seconds; ``None``: the whole file is one segment), in order, decoding each frame at most once
-    (``threads``: parts decoded in parallel, see the module's docstring, else FFmpeg threads). Each is a view of ``[num, 3, 224, 224]`` memory, the layout
-    the model reshapes to. A window that holds no frame (a pause in a variable-frame-rate video) takes
+    seconds; ``None``: the whole file is one segment), in order, decoding the file once (``threads``:
+    parts decoded in parallel, see the module's docstring, else FFmpeg threads). Each is a view of
+    ``[num, 3, 224, 224]`` memory, the layout the model reshapes to. A window that holds no frame (a pause in a variable-frame-rate video) takes
     the last frame before it, ``num`` times. ``skip``: let the decoder drop the non-reference frames
     no segment samples (the frames returned are the same either way). ``stats`` (a dict) receives the
     number of frames decoded and converted, and of parts. ``shared``: build each segment in shared memory (a
