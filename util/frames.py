@@ -10,11 +10,14 @@ Each video is read twice: its packets (no decoding) to learn every frame's times
 sequential decode in which only the chosen frames are converted to RGB and shrunk at once, and in
 which the decoder skips the non-reference frames (B-frames nothing else is predicted from) that no
 segment samples: about half the frames of an H.264 file with libx264's defaults. Reference frames are
-always decoded, so the frames kept are bit for bit those of a full decode. With several threads,
-H.264 and HEVC in MP4 or Matroska are cut at their IDR pictures (where decoding may start without
-changing any frame) into parts of whole GOPs, each sought to and decoded on its own thread, and
-stopped after its last sampled frame; other videos (open GOPs among them) are decoded in one piece
-from their start, with FFmpeg's threads. A window holding no frame (a pause in a
+always decoded, so the frames kept are bit for bit those of a full decode. H.264 and HEVC in MP4 or
+Matroska are cut at their IDR pictures (where decoding may start without changing any frame) into
+parts of whole GOPs, each sought to, decoded with one FFmpeg thread and stopped after its last sampled
+frame, on as many threads as the caller gives (the parts, and so the frames, do not depend on the
+number of threads; a damaged file may give other frames, or no error, where a decode from the start
+would differ). Other videos (open GOPs, MPEG-TS, other codecs; streams whose reorder depth the decoder
+learns only while decoding; GOPs holding more than PART_BYTES of sampled frames) are decoded in one
+piece from their start, with FFmpeg's threads. A window holding no frame (a pause in a
 variable-frame-rate video) takes the last frame before it. Rotated videos (a display matrix, as
 phones write) are turned upright as FFmpeg's command line does.
 
@@ -100,26 +103,39 @@ def _nal_length_size(codec):
 
 
 def _is_idr(data, codec_name, size):
-    """Whether a packet (length-prefixed NAL units) holds an IDR picture: decoding may start there and
-    give exactly the frames of a decode from the file's start (no later frame refers to an earlier one,
-    and no earlier frame is shown after it)."""
+    """Whether a packet (length-prefixed NAL units) is an IDR picture (its first picture NAL unit, of
+    the base layer): decoding may start there and give exactly the frames of a decode from the file's
+    start (no later frame refers to an earlier one, and no earlier frame is shown after it)."""
     i = 0
     while i + size < len(data):
         n = int.from_bytes(data[i:i + size], 'big')
         i += size
-        if n <= 0 or i + n > len(data):
+        if n <= 1 or i + n > len(data):
             return False
-        if (data[i] & 0x1f == 5) if codec_name == 'h264' else ((data[i] >> 1) & 0x3f in (19, 20)):
-            return True
+        if codec_name == 'h264' and 1 <= data[i] & 0x1f <= 5:
+            return data[i] & 0x1f == 5
+        if codec_name == 'hevc' and (data[i] >> 1) & 0x3f < 32 and not (data[i] & 1 or data[i + 1] >> 3):
+            return (data[i] >> 1) & 0x3f in (19, 20)
         i += n
     return False
+
+
+def _reorder_depth(pts):
+    """How many frames a decoder must hold back to output ``pts`` (in decode order) in presentation
+    order: the most frames decoded before one frame and shown after it (looking 16 frames back, the
+    most H.264 and HEVC allow)."""
+    p = np.asarray(pts)
+    later = np.zeros(len(p), dtype=np.int64)
+    for d in range(1, min(16, len(p) - 1) + 1):
+        later[d:] += p[:-d] > p[d:]
+    return int(later.max()) if len(p) else 0
 
 
 def _frame_keys(container, stream, rate):
     """Keys of all frames in presentation order, their times (s from the first frame), the time the
     last frame ends (its time plus its duration), whether the keys are timestamps (else decode
-    positions, for containers without timestamps), and the timestamps of the IDR pictures (H.264 and
-    HEVC in MP4 or Matroska; else none)."""
+    positions, for containers without timestamps), the timestamps of the IDR pictures (H.264 and
+    HEVC in MP4 or Matroska; else none) and the reorder depth the timestamps need."""
     pts, end, idr = [], None, []
     size = _nal_length_size(stream.codec_context) if container.format.name in SEEK_EXACT_FORMATS else None
     for p in container.demux(stream):
@@ -130,12 +146,13 @@ def _frame_keys(container, stream, rate):
             if size and p.is_keyframe and p.pts is not None and _is_idr(bytes(p), stream.codec_context.name, size):
                 idr.append(p.pts)
     if pts and None not in pts:
+        depth = _reorder_depth(pts) if idr else 0
         pts.sort()
         tb = stream.time_base  # ints divided as float(Fraction) divides them: the same floats, 10x faster
         times = [(p - pts[0]) * tb.numerator / tb.denominator for p in pts]
         last = float((end - pts[0]) * stream.time_base) if end is not None else times[-1] + 1 / rate
-        return pts, times, max(last, times[-1]), True, sorted(idr)
-    return list(range(len(pts))), [i / rate for i in range(len(pts))], len(pts) / rate, False, []
+        return pts, times, max(last, times[-1]), True, sorted(idr), depth
+    return list(range(len(pts))), [i / rate for i in range(len(pts))], len(pts) / rate, False, [], 0
 
 
 def _rgb(frame, reformatter):
@@ -198,8 +215,12 @@ def _assemble(items, shared):
 SKIP_NONREF_CODECS = {'h264', 'hevc', 'mpeg2video', 'mpeg1video'}
 # containers whose seeking to a key frame's timestamp lands on that key frame (MP4 / MOV, Matroska)
 SEEK_EXACT_FORMATS = {'mov,mp4,m4a,3gp,3g2,mj2', 'matroska,webm'}
-# a part of a video decoded on its own thread holds at least this many sampled frames (one segment)
+# a part of a video holds at least this many sampled frames (one segment), at most PART_BYTES of them
+# (as RGB; a video whose GOPs hold more is decoded in one piece), and threads decode parts ahead while
+# they hold at most AHEAD_BYTES
 PART_FRAMES = NUM_FRAMES
+PART_BYTES = 128 << 20
+AHEAD_BYTES = 512 << 20
 
 
 class _SeekMissed(Exception):
@@ -210,11 +231,12 @@ def _sampled(container, stream, todo, need, by_pts, count, start=None):
     """``(keys, frame)``: for the sorted frame keys ``todo``, each decoded frame that some of them take
     (a key takes the first frame output at or after it: a frame the decoder dropped is replaced by
     the next), as upright RGB, in order; stops once every key has its frame. ``need``: as in
-    ``_packets_then_flush``. ``count[0]`` counts the frames decoded."""
+    ``_packets_then_flush``. ``count``: ``[frames decoded, whether FFmpeg marked one corrupt]``."""
     reformatter = VideoReformatter()
     nxt = 0
     for pos, frame in enumerate(_packets_then_flush(container, stream, need, start)):
         count[0] += 1
+        count[1] = count[1] or frame.is_corrupt
         key = frame.pts if by_pts else pos
         if key is None:
             continue
@@ -242,64 +264,81 @@ def _parts(todo, idr):
     return parts
 
 
-def _sampled_in_parts(path, parts, need, threads, count, where):
+def _sampled_in_parts(path, container, stream, parts, need, threads, count, frame_bytes):
     """``_sampled`` over the whole video, its ``parts`` decoded on ``threads`` threads (each with its
     own container, sought to the part's IDR picture, and one FFmpeg thread; PyAV lets go of the GIL
-    while decoding), in order, with at most ``threads + 1`` parts decoded ahead."""
+    while decoding), in order: at most ``threads`` parts at a time, and more than one only while
+    they hold at most AHEAD_BYTES (``frame_bytes`` a frame). Decoding from an IDR picture is exact on
+    an undamaged stream only: from the first part that is not decoded cleanly (a frame FFmpeg marks
+    as corrupt, a decode error, data that ends early) the rest of the video is decoded front to back
+    from the file's start (``container``), as without parts: the same frames and errors as then."""
     local, opened = threading.local(), []
 
-    def run(start, keys):
+    def run(start, keys):  # the part's frames, or None if it is not decoded cleanly
         if not hasattr(local, 'container'):
             local.container = av.open(path)
             opened.append(local.container)
-        container = local.container
-        stream = container.streams.video[0]
-        n = [0]
+        own = local.container
+        n = [0, False]
         try:
             if start is not None:
                 try:
-                    container.seek(start, stream=stream, backward=True, any_frame=False)
-                    out = list(_sampled(container, stream, keys, need, True, n, start))
+                    own.seek(start, stream=own.streams.video[0], backward=True, any_frame=False)
+                    out = list(_sampled(own, own.streams.video[0], keys, need, True, n, start))
                 except _SeekMissed:
                     start = None  # this part from the file's start instead: slower, the same frames
             if start is None:
-                container.seek(0)
-                out = list(_sampled(container, stream, keys, need, True, n))
-        except av.FFmpegError as e:
-            raise DecodeError(f'{where(keys[0])}: decode error ({e})') from None
-        if sum(len(k) for k, _ in out) < len(keys):
-            raise DecodeError(f'{where(keys[0])}: video data ends before all its frames were decoded')
-        return out, n[0]
+                own.seek(0)
+                out = list(_sampled(own, own.streams.video[0], keys, need, True, n))
+        except av.FFmpegError:
+            return None, n[0]
+        return (None if n[1] or sum(len(k) for k, _ in out) < len(keys) else out), n[0]
 
-    pool, queue = ThreadPoolExecutor(threads), deque()
+    pool, queue, ahead = ThreadPoolExecutor(threads), deque(), [0]
 
-    def take():
-        out, n = queue.popleft().result()
-        count[0] += n
-        return out
+    def results():  # each part's frames (or None), in order
+        def take():
+            future, size = queue.popleft()
+            out, n = future.result()
+            count[0] += n
+            ahead[0] -= size
+            return out
 
-    try:
         for part in parts:
-            queue.append(pool.submit(run, *part))
-            if len(queue) > threads:
-                yield from take()
+            size = len(part[1]) * frame_bytes
+            while queue and (len(queue) >= threads or ahead[0] + size > AHEAD_BYTES):
+                yield take()
+            queue.append((pool.submit(run, *part), size))
+            ahead[0] += size
         while queue:
-            yield from take()
+            yield take()
+
+    rest = None
+    try:
+        for i, out in enumerate(results()):
+            if out is None:
+                rest = [key for _, keys in parts[i:] for key in keys]
+                break
+            yield from out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for container in opened:
-            container.close()
+        for own in opened:
+            own.close()
+    if rest:
+        container.seek(0)
+        yield from _sampled(container, stream, rest, need, True, count)
 
 
 def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, stats=None, shared=False, raw=False):
     """Yield ``(k, [3, num, 224, 224])`` for each window ``k`` of ``windows`` (``[(start, end)]`` in
     seconds; ``None``: the whole file is one segment), in order, decoding the file once (``threads``:
-    parts decoded in parallel, see the module's docstring, else FFmpeg threads). Each is a view of
-    ``[num, 3, 224, 224]`` memory, the layout the model reshapes to. A window that holds no frame (a pause in a variable-frame-rate video) takes
-    the last frame before it, ``num`` times. ``skip``: let the decoder drop the non-reference frames
-    no segment samples (the frames returned are the same either way). ``stats`` (a dict) receives the
-    number of frames decoded and converted, and of parts. ``shared``: build each segment in shared memory (a
-    DataLoader worker then hands it over without a copy). ``raw``: leave the transform to the caller
+    parts decoded in parallel, see the module's docstring, else FFmpeg's threads). Each is a view of
+    ``[num, 3, 224, 224]`` memory, the layout the model reshapes to. A window that holds no frame (a
+    pause in a variable-frame-rate video) takes the last frame before it, ``num`` times. ``skip``: let
+    the decoder drop the non-reference frames no segment samples (the frames returned are the same
+    either way). ``stats`` (a dict) receives the number of frames decoded and converted, and of
+    parts. ``shared``: build each segment in shared memory (a DataLoader worker then hands it over
+    without a copy). ``raw``: leave the transform to the caller
     (``transform``, e.g. on the GPU) for frames of at most RAW_MAX_PIXELS whose resize (short side 224)
     is no larger (aspect ratio up to 18:1): such a segment is the
     ``[num, H, W, 3]`` uint8 frames, turned upright (a segment whose frames are larger, or not all of
@@ -317,7 +356,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         stream = container.streams.video[0]
         try:
             rate = float(stream.average_rate or stream.guessed_rate or 25)
-            keys, times, end_time, by_pts, idr = _frame_keys(container, stream, rate)
+            keys, times, end_time, by_pts, idr, depth = _frame_keys(container, stream, rate)
         except av.FFmpegError as e:
             raise DecodeError(f'{path}: read error ({e})') from None
         if not keys:
@@ -335,12 +374,20 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         buffers = [None] * len(spans)  # each segment's frames, assembled when all are there
         missing = [num] * len(spans)
         done = converted = 0
-        count = [0]  # frames decoded
+        count = [0, False]  # frames decoded, whether one was marked corrupt
         skip = skip and by_pts and stream.codec_context.name in SKIP_NONREF_CODECS
-        parts = _parts(todo, idr) if skip and threads > 1 else []
+        # parts whatever the number of threads (the frames depend on the file alone), when the decoder
+        # knows the reorder depth from the start (else FFmpeg learns it while decoding, dropping a
+        # frame where it grows: a part would not) and every part is small enough
+        frame_bytes = stream.codec_context.width * stream.codec_context.height * 3
+        parts = _parts(todo, idr) if skip and idr and stream.codec_context.reorder_depth >= depth else []
+        if len(parts) < 2 or max(len(k) for _, k in parts) * frame_bytes > PART_BYTES:
+            parts = []
+        frames = None
         try:
-            if len(parts) > 1:  # one FFmpeg thread per part, parts in parallel
-                frames = _sampled_in_parts(path, parts, set(todo), threads, count, lambda key: where(wanted[key][0][0]))
+            if parts:  # one FFmpeg thread per part, parts in parallel
+                frames = _sampled_in_parts(path, container, stream, parts, set(todo), max(threads, 1), count,
+                                           frame_bytes)
             else:
                 container.seek(0)
                 if threads > 1:
@@ -368,6 +415,8 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         except av.FFmpegError as e:
             raise DecodeError(f'{where(done)}: decode error ({e})') from None
         finally:
+            if frames is not None:
+                frames.close()  # the parts' threads and containers, also when the caller stops early
             if stats is not None:
                 stats.update(decoded=count[0], converted=converted, parts=max(len(parts), 1))
         raise DecodeError(f'{where(done)}: video data ends before all its frames were decoded')
