@@ -16,8 +16,9 @@ parts of whole GOPs, each sought to, decoded with one FFmpeg thread and stopped 
 frame, on as many threads as the caller gives (the parts, and so the frames, do not depend on the
 number of threads; a damaged file may give other frames, or no error, where a decode from the start
 would differ). Other videos (open GOPs, MPEG-TS, other codecs; streams whose reorder depth the decoder
-learns only while decoding; GOPs holding more than PART_BYTES of sampled frames) are decoded in one
-piece from their start, with FFmpeg's threads. A window holding no frame (a pause in a
+learns only while decoding, or that send parameter sets of their own in the stream; GOPs holding more
+than PART_BYTES of sampled frames) are decoded in one piece from their start, on one FFmpeg thread
+(frame threads conceal damage differently with each thread count and run). A window holding no frame (a pause in a
 variable-frame-rate video) takes the last frame before it. Rotated videos (a display matrix, as
 phones write) are turned upright as FFmpeg's command line does.
 
@@ -102,22 +103,68 @@ def _nal_length_size(codec):
     return None
 
 
-def _is_idr(data, codec_name, size):
-    """Whether a packet (length-prefixed NAL units) is an IDR picture (its first picture NAL unit, of
-    the base layer): decoding may start there and give exactly the frames of a decode from the file's
-    start (no later frame refers to an earlier one, and no earlier frame is shown after it)."""
+def _nal_units(data, size):
+    """The NAL units of a packet or record (``size``-byte length prefixes); stops at a bad length."""
     i = 0
     while i + size < len(data):
         n = int.from_bytes(data[i:i + size], 'big')
         i += size
         if n <= 1 or i + n > len(data):
-            return False
-        if codec_name == 'h264' and 1 <= data[i] & 0x1f <= 5:
-            return data[i] & 0x1f == 5
-        if codec_name == 'hevc' and (data[i] >> 1) & 0x3f < 32 and not (data[i] & 1 or data[i + 1] >> 3):
-            return (data[i] >> 1) & 0x3f in (19, 20)
+            return
+        yield data[i:i + n]
         i += n
-    return False
+
+
+def _nal_type(nal, codec_name):
+    """A NAL unit's type, or None for an HEVC unit of a layer other than the base layer."""
+    if codec_name == 'h264':
+        return nal[0] & 0x1f
+    return None if nal[0] & 1 or nal[1] >> 3 else (nal[0] >> 1) & 0x3f
+
+
+PARAMETER_SETS = {'h264': (7, 8), 'hevc': (32, 33, 34)}  # SPS, PPS (and VPS)
+
+
+def _extradata_parameter_sets(codec):
+    """The parameter sets of an avcC / hvcC record (``codec.extradata``), as bytes, or None when it
+    cannot be read."""
+    x, sets = bytes(codec.extradata or b''), set()
+    try:
+        if codec.name == 'h264':
+            i = 5
+            for mask in (0x1f, 0xff):  # the SPS, then the PPS
+                count, i = x[i] & mask, i + 1
+                for _ in range(count):
+                    n = int.from_bytes(x[i:i + 2], 'big')
+                    sets.add(x[i + 2:i + 2 + n])
+                    i += 2 + n
+        else:
+            i = 23
+            for _ in range(x[22]):
+                count, i = int.from_bytes(x[i + 1:i + 3], 'big'), i + 3
+                for _ in range(count):
+                    n = int.from_bytes(x[i:i + 2], 'big')
+                    sets.add(x[i + 2:i + 2 + n])
+                    i += 2 + n
+    except IndexError:
+        return None
+    return sets if i <= len(x) else None
+
+
+def _scan(data, codec_name, size, sets):
+    """``(is_idr, known)`` for a packet: whether it is an IDR picture (its first picture NAL unit, of
+    the base layer), from which decoding gives exactly the frames of a decode from the file's start
+    (no later frame refers to an earlier one, and no earlier frame is shown after it); and whether the
+    parameter sets it carries, if any, are those of ``sets`` (a part decoded from an IDR knows only
+    those)."""
+    idr, known = None, True
+    for nal in _nal_units(data, size):
+        kind = _nal_type(nal, codec_name)
+        if kind in PARAMETER_SETS[codec_name]:
+            known = known and bytes(nal) in sets
+        elif idr is None and kind is not None and (1 <= kind <= 5 if codec_name == 'h264' else kind < 32):
+            idr = kind == 5 if codec_name == 'h264' else kind in (19, 20)
+    return bool(idr), known
 
 
 def _reorder_depth(pts):
@@ -137,14 +184,20 @@ def _frame_keys(container, stream, rate):
     positions, for containers without timestamps), the timestamps of the IDR pictures (H.264 and
     HEVC in MP4 or Matroska; else none) and the reorder depth the timestamps need."""
     pts, end, idr = [], None, []
-    size = _nal_length_size(stream.codec_context) if container.format.name in SEEK_EXACT_FORMATS else None
+    codec = stream.codec_context
+    size = _nal_length_size(codec) if container.format.name in SEEK_EXACT_FORMATS else None
+    sets = _extradata_parameter_sets(codec) if size else None
     for p in container.demux(stream):
         if p.size:
             pts.append(p.pts)
             if p.pts is not None and p.duration:
                 end = p.pts + p.duration if end is None else max(end, p.pts + p.duration)
-            if size and p.is_keyframe and p.pts is not None and _is_idr(bytes(p), stream.codec_context.name, size):
-                idr.append(p.pts)
+            if sets is not None:
+                is_idr, known = _scan(memoryview(p), codec.name, size, sets)
+                if not known:  # parameter sets sent in the stream: no parts
+                    sets, idr = None, []
+                elif is_idr and p.is_keyframe and p.pts is not None:
+                    idr.append(p.pts)
     if pts and None not in pts:
         depth = _reorder_depth(pts) if idr else 0
         pts.sort()
@@ -290,7 +343,7 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
             if start is None:
                 own.seek(0)
                 out = list(_sampled(own, own.streams.video[0], keys, need, True, n))
-        except av.FFmpegError:
+        except (av.FFmpegError, IndexError):
             return None, n[0]
         return (None if n[1] or sum(len(k) for k, _ in out) < len(keys) else out), n[0]
 
@@ -332,7 +385,7 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
 def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, stats=None, shared=False, raw=False):
     """Yield ``(k, [3, num, 224, 224])`` for each window ``k`` of ``windows`` (``[(start, end)]`` in
     seconds; ``None``: the whole file is one segment), in order, decoding the file once (``threads``:
-    parts decoded in parallel, see the module's docstring, else FFmpeg's threads). Each is a view of
+    parts decoded in parallel, see the module's docstring). Each is a view of
     ``[num, 3, 224, 224]`` memory, the layout the model reshapes to. A window that holds no frame (a
     pause in a variable-frame-rate video) takes the last frame before it, ``num`` times. ``skip``: let
     the decoder drop the non-reference frames no segment samples (the frames returned are the same
@@ -357,7 +410,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         try:
             rate = float(stream.average_rate or stream.guessed_rate or 25)
             keys, times, end_time, by_pts, idr, depth = _frame_keys(container, stream, rate)
-        except av.FFmpegError as e:
+        except (av.FFmpegError, IndexError) as e:  # IndexError: PyAV on a stream appearing mid-file
             raise DecodeError(f'{path}: read error ({e})') from None
         if not keys:
             raise DecodeError(f'{path}: no frames')
@@ -388,10 +441,8 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
             if parts:  # one FFmpeg thread per part, parts in parallel
                 frames = _sampled_in_parts(path, container, stream, parts, set(todo), max(threads, 1), count,
                                            frame_bytes)
-            else:
+            else:  # one FFmpeg thread: its frame threads conceal damage differently with each count and run
                 container.seek(0)
-                if threads > 1:
-                    stream.thread_type, stream.codec_context.thread_count = 'AUTO', threads
                 frames = _sampled(container, stream, todo, set(todo) if skip else None, by_pts, count)
             for keys, x in frames:
                 h, w = x.shape[:2]
@@ -412,7 +463,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
                     done += 1
             if done == len(spans):
                 return
-        except av.FFmpegError as e:
+        except (av.FFmpegError, IndexError) as e:
             raise DecodeError(f'{where(done)}: decode error ({e})') from None
         finally:
             if frames is not None:
