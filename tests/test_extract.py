@@ -885,3 +885,96 @@ def test_damaged_video_in_one_piece_whatever_the_threads(tmp_path):
     for threads in (2, 2, 3, 4):
         other = _outcome(path, wins, threads)
         assert _same(one[0], other[0]) and one[1] == other[1], threads
+
+
+def _threads_agree(path, wins, parts):
+    """decode_segments with 1, 2 and 3 threads: the frames of a full decode, in ``parts`` parts
+    (``'many'``: more than one)."""
+    ref = list(decode_segments(path, wins, skip=False))
+    for threads in (1, 2, 3):
+        stats = {}
+        assert _same(list(decode_segments(path, wins, threads=threads, stats=stats)), ref), threads
+        assert stats['parts'] > 1 if parts == 'many' else stats['parts'] == parts, (threads, stats)
+
+
+@pytest.mark.parametrize('codec, fmt', [('libx264', 'h264'), ('libx265', 'hevc')])
+@pytest.mark.parametrize('ext', ['mp4', 'mkv'])
+def test_parts_with_parameter_sets_repeated_after_four_byte_start_codes(tmp_path, codec, fmt, ext):
+    """A raw Annex B stream with 4-byte start codes and SPS/PPS before every IDR picture (as hardware
+    encoders write), muxed as `-c copy` does: FFmpeg's extradata keeps the zero byte of the next start
+    code after the last parameter set, the packets do not. The same parameter sets: parts."""
+    from fractions import Fraction
+    import av
+    from util.synthetic import moving_texture_frames
+    src = str(tmp_path / f'v.{fmt}')
+    params = 'keyint=12:min-keyint=12:bframes=0:scenecut=0'
+    write_video(src, moving_texture_frames(3.0, 30, (160, 96)), fps=30, codec=codec, format=fmt,
+                options={'threads': '1', 'x264-params': params} if fmt == 'h264' else {'x265-params': params + ':open-gop=0:log-level=0'})
+    data = open(src, 'rb').read()
+    open(src, 'wb').write(b''.join(b'\x00\x00\x00\x01' + n for n in re.split(b'\x00\x00\x00\x01|\x00\x00\x01', data) if n))
+    path = str(tmp_path / f'v.{ext}')
+    with av.open(src, format=fmt) as i, av.open(path, 'w') as o:
+        out = o.add_stream_from_template(i.streams.video[0])
+        out.time_base = Fraction(1, 30)
+        for n, p in enumerate(q for q in i.demux(i.streams.video[0]) if q.size):
+            p.pts = p.dts = n
+            p.time_base, p.stream = Fraction(1, 30), out
+            o.mux(p)
+    with av.open(path) as c:
+        assert bytes(c.streams.video[0].codec_context.extradata).endswith(b'\x00')  # the case tested
+    _threads_agree(path, [(t / 2, t / 2 + 0.5) for t in range(5)], 'many')
+
+
+@pytest.mark.parametrize('before', [b'\x00\x00\x00\x01\x0a', b'\x00\x00\x00\x01\x09'])
+def test_one_byte_nal_does_not_hide_parameter_sets_sent_in_band(tmp_path, before):
+    """Two clips joined in MP4 form (the first's extradata), the second's SPS and PPS (another
+    chroma_qp_index_offset) in-band in its first packet, after a 1-byte NAL unit (end of sequence; a
+    cut access unit delimiter): FFmpeg skips that unit and uses the new PPS, so must the scan (no
+    parts), else the parts after it decode with the old PPS, other frames with 2 or 3 threads."""
+    from fractions import Fraction
+    import av
+    from util.synthetic import moving_texture_frames
+    fr = list(moving_texture_frames(4.0, 30, (160, 96)))
+    gops = 'keyint=12:min-keyint=12:bframes=0:scenecut=0'
+    a, b = str(tmp_path / 'a.mkv'), str(tmp_path / 'b.mkv')
+    write_video(a, fr[:60], fps=30, options={'threads': '1', 'x264-params': gops})
+    write_video(b, fr[60:], fps=30, options={'threads': '1', 'x264-params': gops + ':chroma-qp-offset=10'})
+    with av.open(b) as c:
+        sets = frames._extradata_parameter_sets(c.streams.video[0].codec_context)
+    in_band = b''.join(len(s).to_bytes(4, 'big') + s for s in sorted(sets, key=lambda s: s[0] & 0x1f == 8))
+    path = str(tmp_path / 'joined.mkv')
+    with av.open(a) as ca, av.open(b) as cb, av.open(path, 'w') as o:
+        out = o.add_stream_from_template(ca.streams.video[0])
+        out.time_base = Fraction(1, 30)
+        n = 0
+        for c, head in ((ca, b''), (cb, before + in_band)):
+            for k, p in enumerate(q for q in c.demux(c.streams.video[0]) if q.size):
+                q = av.Packet((head if k == 0 else b'') + bytes(p))
+                q.pts = q.dts = n
+                q.time_base, q.stream, q.is_keyframe = Fraction(1, 30), out, p.is_keyframe
+                o.mux(q)
+                n += 1
+    _threads_agree(path, [(t / 2, t / 2 + 0.5) for t in range(8)], 1)
+
+
+def test_nal_scan_of_malformed_packets_and_records():
+    """_scan and _extradata_parameter_sets on damaged bytes (lengths past the end, zero-length and
+    1-byte NAL units, truncated records) raise nothing; an avcC with two SPS, two PPS and the high
+    profiles' extra bytes gives all four."""
+    import random
+    from types import SimpleNamespace
+    rng = random.Random(0)
+    for codec in ('h264', 'hevc'):
+        for size in (1, 2, 4):
+            for _ in range(3000):
+                data = bytes(rng.choice([0, 1, 2, 0x65, 0x26, 0x40, 0x67, 0xff]) for _ in range(rng.randint(0, 12)))
+                frames._scan(memoryview(data), codec, size, {b'\x67\x01'})
+        for _ in range(3000):
+            x = b'\x01' + bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))
+            frames._extradata_parameter_sets(SimpleNamespace(name=codec, extradata=x))
+    assert frames._scan(memoryview(b'\x00\x00\x00\x01\x40' + b'\x00\x00\x00\x02\x67\x02'), 'hevc', 4, set()) == (False, True)
+    sps, pps = [b'\x67\x64\x00\x0b\xac', b'\x67\x64\x00\x0b\xad\x80'], [b'\x68\xeb\xc3', b'\x68\xce\x38\x80']
+    rec = (bytes([1, 0x64, 0, 0x0b, 0xff, 0xe2]) + b''.join(len(s).to_bytes(2, 'big') + s for s in sps) + b'\x02'
+           + b''.join(len(s).to_bytes(2, 'big') + s for s in pps) + b'\xfd\xf8\xf8\x00')
+    assert frames._extradata_parameter_sets(SimpleNamespace(name='h264', extradata=rec)) == set(sps + pps)
+    assert frames._extradata_parameter_sets(SimpleNamespace(name='h264', extradata=rec[:-6])) is None

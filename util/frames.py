@@ -104,14 +104,17 @@ def _nal_length_size(codec):
 
 
 def _nal_units(data, size):
-    """The NAL units of a packet or record (``size``-byte length prefixes); stops at a bad length."""
+    """The NAL units of a packet or record (``size``-byte length prefixes) of at least 2 bytes (a shorter
+    one is neither a parameter set nor a slice: skipped, as FFmpeg skips it); stops at a length past
+    the end (where FFmpeg fails the packet)."""
     i = 0
     while i + size < len(data):
         n = int.from_bytes(data[i:i + size], 'big')
         i += size
-        if n <= 1 or i + n > len(data):
+        if i + n > len(data):
             return
-        yield data[i:i + n]
+        if n > 1:
+            yield data[i:i + n]
         i += n
 
 
@@ -126,8 +129,10 @@ PARAMETER_SETS = {'h264': (7, 8), 'hevc': (32, 33, 34)}  # SPS, PPS (and VPS)
 
 
 def _extradata_parameter_sets(codec):
-    """The parameter sets of an avcC / hvcC record (``codec.extradata``), as bytes, or None when it
-    cannot be read."""
+    """The parameter sets of an avcC / hvcC record (``codec.extradata``), as bytes without trailing zero
+    bytes, or None when it cannot be read. (A parameter set ends in its stop bit: zero bytes after it
+    are trailing_zero_8bits of an Annex B stream, which FFmpeg keeps in the extradata it takes from a
+    stream with 4-byte start codes and strips from the packets it muxes.)"""
     x, sets = bytes(codec.extradata or b''), set()
     try:
         if codec.name == 'h264':
@@ -136,7 +141,7 @@ def _extradata_parameter_sets(codec):
                 count, i = x[i] & mask, i + 1
                 for _ in range(count):
                     n = int.from_bytes(x[i:i + 2], 'big')
-                    sets.add(x[i + 2:i + 2 + n])
+                    sets.add(x[i + 2:i + 2 + n].rstrip(b'\0'))
                     i += 2 + n
         else:
             i = 23
@@ -144,7 +149,7 @@ def _extradata_parameter_sets(codec):
                 count, i = int.from_bytes(x[i + 1:i + 3], 'big'), i + 3
                 for _ in range(count):
                     n = int.from_bytes(x[i:i + 2], 'big')
-                    sets.add(x[i + 2:i + 2 + n])
+                    sets.add(x[i + 2:i + 2 + n].rstrip(b'\0'))
                     i += 2 + n
     except IndexError:
         return None
@@ -161,7 +166,7 @@ def _scan(data, codec_name, size, sets):
     for nal in _nal_units(data, size):
         kind = _nal_type(nal, codec_name)
         if kind in PARAMETER_SETS[codec_name]:
-            known = known and bytes(nal) in sets
+            known = known and bytes(nal).rstrip(b'\0') in sets
         elif idr is None and kind is not None and (1 <= kind <= 5 if codec_name == 'h264' else kind < 32):
             idr = kind == 5 if codec_name == 'h264' else kind in (19, 20)
     return bool(idr), known
