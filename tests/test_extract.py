@@ -559,17 +559,20 @@ def test_skipping_unsampled_frames_keeps_the_frames(tmp_path, options, threads):
     ('closed.mp4', 'libx264', {'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0'}, True),
     ('closed.mkv', 'libx264', {'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0'}, True),
     ('hevc.mp4', 'libx265', {'x265-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0:open-gop=0:log-level=0'}, True),
+    # HEVC open GOPs (libx265's default): cut at CRA pictures, whose leading frames belong to the part before
+    ('cra.mkv', 'libx265', {'x265-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0:open-gop=1:log-level=0'}, True),
     ('open.mp4', 'libx264', {'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:open-gop=1:bframes=3:scenecut=0'}, False),
     ('closed.ts', 'libx264', {'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0'}, False),
 ])
 def test_parts_decoded_in_parallel_keep_the_frames(tmp_path, name, codec, options, parallel):
-    """A video is cut at its IDR pictures into parts (H.264 / HEVC in MP4 or Matroska), decoded on as
-    many threads as given: exactly the frames of one full decode, in order. Open GOPs (no IDR after
-    the first frame) and containers that cannot seek exactly are decoded in one piece."""
+    """A video is cut at its IDR pictures (HEVC: also CRA) into parts (H.264 / HEVC in MP4 or
+    Matroska), decoded on as many threads as given: exactly the frames of one full decode, in order.
+    H.264 open GOPs (no IDR after the first frame) and containers that cannot seek exactly are decoded
+    in one piece."""
     from util.synthetic import moving_texture_frames
     path = str(tmp_path / name)
     write_video(path, moving_texture_frames(6.0, 30, (160, 96)), fps=30, codec=codec, options=options)
-    wins = [(0.0, 1.0), (1.0, 2.5), (2.5, 2.6), (2.6, 5.0), (5.0, 6.0)]
+    wins = [(0.0, 1.0), (1.0, 2.5), (2.5, 2.6), (2.6, 5.0), (5.0, 6.0)] + [(t / 4, t / 4 + 0.1) for t in range(24)]
     one, many, full = {}, {}, {}
     ref = list(decode_segments(path, wins, skip=False, stats=full))  # every frame, front to back
     for threads, stats, raw in ((1, one, False), (3, many, True)):

@@ -9,18 +9,19 @@ is a window holding all of its frames.
 Each video is read twice: its packets (no decoding) to learn every frame's timestamp, then one
 sequential decode in which only the chosen frames are converted to RGB and shrunk at once, and in
 which the decoder skips the non-reference frames (B-frames nothing else is predicted from) that no
-segment samples: about half the frames of an H.264 file with libx264's defaults. Reference frames are
-always decoded, so the frames kept are bit for bit those of a full decode. H.264 and HEVC in MP4 or
-Matroska are cut at their IDR pictures (where decoding may start without changing any frame) into
-parts of whole GOPs, each sought to, decoded with one FFmpeg thread and stopped after its last sampled
-frame, on as many threads as the caller gives (the parts, and so the frames, do not depend on the
-number of threads; a damaged file may give other frames, or no error, where a decode from the start
-would differ). Other videos (open GOPs, MPEG-TS, other codecs; streams whose reorder depth the decoder
-learns only while decoding, or that send parameter sets of their own in the stream; GOPs holding more
-than PART_BYTES of sampled frames) are decoded in one piece from their start, on one FFmpeg thread
-(frame threads conceal damage differently with each thread count and run). A window holding no frame (a pause in a
-variable-frame-rate video) takes the last frame before it. Rotated videos (a display matrix, as
-phones write) are turned upright as FFmpeg's command line does.
+segment samples: about half the frames of an H.264 file with libx264's defaults. Reference frames
+are always decoded, so the frames kept are bit for bit those of a full decode. H.264 and HEVC in MP4
+or Matroska are cut at their IDR pictures (HEVC: also CRA; where decoding may start without changing
+any frame) into parts of whole GOPs, each sought to, decoded with one FFmpeg thread and stopped
+after its last sampled frame, on as many threads as the caller gives (the parts, and so the frames,
+do not depend on the number of threads; from the first part that does not decode cleanly, a damaged
+file is decoded from its start, except that damage after a GOP's last sampled frame is never
+decoded). Other videos (H.264 open GOPs, MPEG-TS, other codecs; streams whose reorder depth the
+decoder learns only while decoding, or that send parameter sets of their own in the stream; GOPs
+holding more than PART_BYTES of sampled frames) are decoded in one piece from their start, on one
+FFmpeg thread (frame threads conceal damage differently with each thread count and run). A window
+holding no frame (a pause in a variable-frame-rate video) takes the last frame before it. Rotated
+videos (a display matrix, as phones write) are turned upright as FFmpeg's command line does.
 
 Transform (LanguageBind's, without its random flip): uint8 / 255, normalise with the OpenAI CLIP
 mean/std, resize the short side to 224 (bilinear), centre crop 224. Resizing and normalising are
@@ -158,8 +159,10 @@ def _extradata_parameter_sets(codec):
 
 def _scan(data, codec_name, size, sets):
     """``(is_idr, known)`` for a packet: whether it is an IDR picture (its first picture NAL unit, of
-    the base layer), from which decoding gives exactly the frames of a decode from the file's start
-    (no later frame refers to an earlier one, and no earlier frame is shown after it); and whether the
+    the base layer; for HEVC any random-access picture, CRA and BLA too), from which decoding gives
+    exactly the frames of a decode from the file's start shown from it on (no later frame shown
+    after it refers to an earlier one; the frames of an open GOP shown before a CRA, which the decoder
+    drops when it starts there, belong to the part before); and whether the
     parameter sets it carries, if any, are those of ``sets`` (a part decoded from an IDR knows only
     those)."""
     idr, known = None, True
@@ -168,7 +171,7 @@ def _scan(data, codec_name, size, sets):
         if kind in PARAMETER_SETS[codec_name]:
             known = known and bytes(nal).rstrip(b'\0') in sets
         elif idr is None and kind is not None and (1 <= kind <= 5 if codec_name == 'h264' else kind < 32):
-            idr = kind == 5 if codec_name == 'h264' else kind in (19, 20)
+            idr = kind == 5 if codec_name == 'h264' else 16 <= kind <= 21  # HEVC: BLA, IDR, CRA
     return bool(idr), known
 
 
