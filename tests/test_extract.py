@@ -981,3 +981,32 @@ def test_nal_scan_of_malformed_packets_and_records():
            + b''.join(len(s).to_bytes(2, 'big') + s for s in pps) + b'\xfd\xf8\xf8\x00')
     assert frames._extradata_parameter_sets(SimpleNamespace(name='h264', extradata=rec)) == set(sps + pps)
     assert frames._extradata_parameter_sets(SimpleNamespace(name='h264', extradata=rec[:-6])) is None
+
+
+def test_hevc_file_starting_at_a_cra_with_rasl_frames(tmp_path):
+    """An HEVC file cut at a CRA picture (its first packets the CRA and its RASL frames, which no
+    decoder can decode): parts at the later CRAs give exactly the frames of a full decode."""
+    import av
+    from util.frames import _nal_length_size, _nal_type, _nal_units
+    from util.synthetic import moving_texture_frames
+    src, path = str(tmp_path / 'open.mkv'), str(tmp_path / 'cut.mkv')
+    write_video(src, moving_texture_frames(4.0, 30, (160, 96)), fps=30, codec='libx265',
+                options={'x265-params': 'keyint=24:min-keyint=24:bframes=4:scenecut=0:log-level=0'})
+    with av.open(src) as i, av.open(path, 'w') as o:
+        s = i.streams.video[0]
+        t, size, cras, on = o.add_stream_from_template(s), _nal_length_size(s.codec_context), 0, False
+        for p in i.demux(s):
+            if p.size and not on:
+                cras += _nal_type(next(iter(_nal_units(bytes(p), size))), 'hevc') == 21
+                on = cras == 2  # from the second CRA's packet on
+            if p.size and on:
+                p.stream = t
+                o.mux(p)
+    wins = [(t / 10, t / 10 + 0.1) for t in range(24)]  # the cut file: 2.5 s
+    ref = list(decode_segments(path, wins, skip=False, raw=True))
+    for threads in (1, 3):
+        stats = {}
+        got = list(decode_segments(path, wins, threads=threads, stats=stats, raw=True))
+        assert [k for k, _ in got] == [k for k, _ in ref]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref))
+        assert stats['parts'] > 1
