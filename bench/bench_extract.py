@@ -12,13 +12,14 @@ while its workers already decode, so its time includes that overlap (its summary
 about 0.1 s for the tiny encoder, much more for ``--config huge``).
 
 ``--decode_limit`` generates realistic H.264 (``--dl_videos`` videos, by default 2 of 2 minutes;
-480x270, 30 fps, libx264's defaults with B-frames, textured moving content), times decoding every frame of them with
-``--num_workers`` processes, then step 3 (tiny random encoder, run as its own process) with the same
-number of decoding workers: ``ratio`` = step 3's work time (its summary's ``seconds``) / the time to
-decode everything; ``decoding_side_ratio``: the same for step 3's decoding alone with the transform
-left to the model's device (``--transform_on device``, the default on a GPU), i.e. the CPU work of a
-GPU server, timed in as many processes; ``startup_s`` = from step 3's first line (its imports
-included; the interpreter's own start, about 0.04 s, is not) to its first batch embedded.
+480x270, 30 fps, libx264's defaults with B-frames, textured moving content), times decoding every
+frame of them with ``--num_workers`` processes, then step 3 (tiny random encoder, run as its own
+process) with the same number of decoding workers: ``ratio`` = step 3's work time (its summary's
+``seconds``) / the time to decode everything; ``decoding_side_ratio``: the same for step 3's
+decoding alone with the transform left to the model's device (``--transform_on device``, the default
+on a GPU), i.e. the CPU work of a GPU server, timed in as many processes; ``startup_s`` = from step
+3's first line (its imports included; the interpreter's own start, about 0.04 s, is not) to its
+first batch embedded.
 """
 import argparse
 import contextlib
@@ -62,8 +63,8 @@ def get_args_parser():
     parser.add_argument('--dl_seconds', default=120.0, type=float,
                         help='length of each decode-limit video (480x270, 30 fps)')
     parser.add_argument('--dl_videos', default=2, type=int,
-                        help='decode-limit videos (with as many --num_workers, each decoder runs one FFmpeg '
-                             'thread per core / workers: e.g. 16 and 16 on a 16-core GPU server)')
+                        help='decode-limit videos (e.g. 16 with --num_workers 16 on a 16-core GPU server: '
+                             'one thread a worker)')
     return parser
 
 

@@ -19,7 +19,7 @@ from util import frames
 from util.frames import decode_segments, frame_indices, transform
 from models_langbind import VideoConfig, VideoEncoder
 from util.langbind import RANDOM_CONFIGS, checkpoint_key, import_languagebind, load_encoder, package_model
-from util.synthetic import color_frames, rotate_in_header, write_video
+from util.synthetic import color_frames, moving_texture_frames, rotate_in_header, write_video
 
 # video id -> (seconds, fps, (width, height), file name); windows of 5 s as step 1 cuts them
 VIDEOS = {
@@ -530,9 +530,10 @@ def test_rotated_video_is_turned_upright(tmp_path):
     assert not torch.allclose(ours, unturned)
 
 
-def write_bframes(path, seconds, options, fps=30):
-    from util.synthetic import moving_texture_frames
-    return write_video(path, moving_texture_frames(seconds, fps, (160, 96)), fps=fps, options=options)
+def write_bframes(path, seconds, options, fps=30, codec='libx264', format=None):
+    """A textured 160x96 video (``codec``'s B-frames and GOPs as ``options`` say); its frame count."""
+    return write_video(path, moving_texture_frames(seconds, fps, (160, 96)), fps=fps, codec=codec,
+                       options=options, format=format)
 
 
 @pytest.mark.parametrize('options', [
@@ -569,9 +570,8 @@ def test_parts_decoded_in_parallel_keep_the_frames(tmp_path, name, codec, option
     Matroska), decoded on as many threads as given: exactly the frames of one full decode, in order.
     H.264 open GOPs (no IDR after the first frame) and containers that cannot seek exactly are decoded
     in one piece."""
-    from util.synthetic import moving_texture_frames
     path = str(tmp_path / name)
-    write_video(path, moving_texture_frames(6.0, 30, (160, 96)), fps=30, codec=codec, options=options)
+    write_bframes(path, 6.0, options, codec=codec)
     wins = [(0.0, 1.0), (1.0, 2.5), (2.5, 2.6), (2.6, 5.0), (5.0, 6.0)] + [(t / 4, t / 4 + 0.1) for t in range(24)]
     one, many, full = {}, {}, {}
     ref = list(decode_segments(path, wins, skip=False, stats=full))  # every frame, front to back
@@ -586,10 +586,7 @@ def test_parts_decoded_in_parallel_keep_the_frames(tmp_path, name, codec, option
 def test_part_whose_seek_misses_its_idr_decodes_from_the_start(tmp_path, monkeypatch):
     """A part whose seek does not land on its IDR picture (as in a Matroska file without an index) is
     decoded from the file's start instead: the same frames."""
-    from util.synthetic import moving_texture_frames
-    path = str(tmp_path / 'closed.mp4')
-    write_video(path, moving_texture_frames(4.0, 30, (160, 96)), fps=30,
-                options={'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0'})
+    path = _closed_gops(tmp_path / 'closed.mp4', 4.0, keyint=24)
     wins = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
     ref = list(decode_segments(path, wins, skip=False))
     parts = frames._parts
@@ -601,9 +598,8 @@ def test_part_whose_seek_misses_its_idr_decodes_from_the_start(tmp_path, monkeyp
 
 
 def _closed_gops(path, seconds=6.0, keyint=12):
-    from util.synthetic import moving_texture_frames
-    write_video(path, moving_texture_frames(seconds, 30, (160, 96)), fps=30, options={
-        'threads': '1', 'x264-params': f'keyint={keyint}:min-keyint={keyint}:bframes=3:b-pyramid=normal:scenecut=0'})
+    write_bframes(path, seconds, {'threads': '1', 'x264-params':
+                                  f'keyint={keyint}:min-keyint={keyint}:bframes=3:b-pyramid=normal:scenecut=0'})
     return str(path)
 
 
@@ -760,7 +756,6 @@ def test_no_parts_without_reorder_info(tmp_path):
     (FFmpeg learns the depth while decoding, dropping a picture each time it grows: parts would drop
     others): decoded in one piece, the same frames whatever the number of threads."""
     import av
-    from util.synthetic import moving_texture_frames
     src, path = str(tmp_path / 'src.mp4'), str(tmp_path / 'v.mkv')
     with av.open(src, 'w') as c:
         st = c.add_stream('libx264', rate=30, options={
@@ -839,9 +834,7 @@ def test_parts_keep_parameter_sets_sent_in_band(tmp_path):
     would not know it: such a video is decoded in one piece, the frames of a full decode, whatever the
     threads."""
     import av
-    import re
     from fractions import Fraction
-    from util.synthetic import moving_texture_frames
     fr = list(moving_texture_frames(4.0, 30, (160, 96)))
     gops = 'keyint=12:min-keyint=12:bframes=0:scenecut=0'
     raw = []
@@ -860,24 +853,14 @@ def test_parts_keep_parameter_sets_sent_in_band(tmp_path):
             p.time_base, p.stream = Fraction(1, 30), out
             o.mux(p)
     for wins in ([(t / 2, t / 2 + 0.5) for t in range(8)], [(0.0, 0.5), (2.5, 3.0), (3.0, 3.5)]):
-        ref = _outcome_full(path, wins)
-        for threads in (1, 2, 3):
-            stats = {}
-            assert _same(list(decode_segments(path, wins, threads=threads, stats=stats)), ref), threads
-            assert stats['parts'] == 1
-
-
-def _outcome_full(path, wins):
-    return list(decode_segments(path, wins, skip=False))
+        _threads_agree(path, wins, 1)
 
 
 def test_damaged_video_in_one_piece_whatever_the_threads(tmp_path):
     """MPEG-TS (decoded in one piece) with 8 bytes of a P/B-frame overwritten: the same segments and
     error whatever the number of threads, run after run."""
-    from util.synthetic import moving_texture_frames
     path = str(tmp_path / 'v.ts')
-    write_video(path, moving_texture_frames(3.0, 30, (160, 96)), fps=30, options={
-        'threads': '1', 'x264-params': 'keyint=12:min-keyint=12:bframes=3:scenecut=0'})
+    write_bframes(path, 3.0, {'threads': '1', 'x264-params': 'keyint=12:min-keyint=12:bframes=3:scenecut=0'})
     pk = _packets(path)
     data = bytearray(open(path, 'rb').read())
     for _, pos, size, key in pk[1:40:3]:  # several damaged frames, one per GOP or so
@@ -908,11 +891,10 @@ def test_parts_with_parameter_sets_repeated_after_four_byte_start_codes(tmp_path
     code after the last parameter set, the packets do not. The same parameter sets: parts."""
     from fractions import Fraction
     import av
-    from util.synthetic import moving_texture_frames
     src = str(tmp_path / f'v.{fmt}')
     params = 'keyint=12:min-keyint=12:bframes=0:scenecut=0'
-    write_video(src, moving_texture_frames(3.0, 30, (160, 96)), fps=30, codec=codec, format=fmt,
-                options={'threads': '1', 'x264-params': params} if fmt == 'h264' else {'x265-params': params + ':open-gop=0:log-level=0'})
+    write_bframes(src, 3.0, {'threads': '1', 'x264-params': params} if fmt == 'h264' else
+                  {'x265-params': params + ':open-gop=0:log-level=0'}, codec=codec, format=fmt)
     data = open(src, 'rb').read()
     open(src, 'wb').write(b''.join(b'\x00\x00\x00\x01' + n for n in re.split(b'\x00\x00\x00\x01|\x00\x00\x01', data) if n))
     path = str(tmp_path / f'v.{ext}')
@@ -936,7 +918,6 @@ def test_one_byte_nal_does_not_hide_parameter_sets_sent_in_band(tmp_path, before
     parts), else the parts after it decode with the old PPS, other frames with 2 or 3 threads."""
     from fractions import Fraction
     import av
-    from util.synthetic import moving_texture_frames
     fr = list(moving_texture_frames(4.0, 30, (160, 96)))
     gops = 'keyint=12:min-keyint=12:bframes=0:scenecut=0'
     a, b = str(tmp_path / 'a.mkv'), str(tmp_path / 'b.mkv')
@@ -988,10 +969,8 @@ def test_hevc_file_starting_at_a_cra_with_rasl_frames(tmp_path):
     decoder can decode): parts at the later CRAs give exactly the frames of a full decode."""
     import av
     from util.frames import _nal_length_size, _nal_type, _nal_units
-    from util.synthetic import moving_texture_frames
     src, path = str(tmp_path / 'open.mkv'), str(tmp_path / 'cut.mkv')
-    write_video(src, moving_texture_frames(4.0, 30, (160, 96)), fps=30, codec='libx265',
-                options={'x265-params': 'keyint=24:min-keyint=24:bframes=4:scenecut=0:log-level=0'})
+    write_bframes(src, 4.0, {'x265-params': 'keyint=24:min-keyint=24:bframes=4:scenecut=0:log-level=0'}, codec='libx265')
     with av.open(src) as i, av.open(path, 'w') as o:
         s = i.streams.video[0]
         t, size, cras, on = o.add_stream_from_template(s), _nal_length_size(s.codec_context), 0, False
