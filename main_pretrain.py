@@ -140,6 +140,15 @@ def csv_paths(args):
     return paths
 
 
+def train_sampler(dataset, args):
+    """This process's share of each epoch's shuffled videos. ``drop_last``: the processes share the first
+    ``world_size * (N // world_size)`` videos of the epoch's permutation instead of padding it with repeated
+    videos, so that N processes with batch B take the steps of one process with batch N * B (the same
+    videos, as many steps); with padding they could take one step more, holding repeated videos."""
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                               shuffle=True, seed=args.seed, drop_last=True)
+
+
 def check_args(args):
     """Every numeric flag in its range, with argparse-style messages (``argument --x: ...``)."""
     def need(ok, flag, what):
@@ -193,8 +202,7 @@ def train(args):
     kw = dict(input_size=args.input_size, num_patches=args.num_patches, mask_ratio=args.mask_ratio,
               seed=args.seed, skip_bad=args.skip_bad, pad_multiple=args.pad_multiple)
     dataset_train = PretrainDataset(csv_paths(args), train=True, **kw)
-    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size, rank=args.rank,
-                                                  shuffle=True, seed=args.seed)
+    sampler = train_sampler(dataset_train, args)
     loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,
                      collate_fn=collate_built)   # the dataset builds each batch (__getitems__)
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kw)

@@ -1,4 +1,5 @@
 """Pretraining: dataset rules, bad input, training, torchrun equivalence, resume, NaN stop."""
+import argparse
 import errno
 import importlib.util
 import json
@@ -409,6 +410,26 @@ def grads_and_params(path):
     names = [name[id(p)] for g in main_pretrain.param_groups(model, 0.05) for p in g['params']]
     grads = {n: ckpt['optimizer']['state'][i]['exp_avg'] / 0.1 for i, n in enumerate(names)}
     return grads, ckpt['model']
+
+
+@pytest.mark.parametrize('n', [15, 16, 41, 47])
+def test_processes_share_the_steps_of_one_process(n):
+    """N processes with batch B take the steps of one process with batch N * B: as many, with the same
+    videos (a sampler padding the epoch with repeated videos gives 47 videos 3 steps of 2 x 8, not 2 of 16)."""
+    dataset = list(range(n))
+
+    def steps(world_size, batch_size):
+        per_rank = []
+        for rank in range(world_size):
+            args = argparse.Namespace(world_size=world_size, rank=rank, seed=3)
+            sampler = main_pretrain.train_sampler(dataset, args)
+            sampler.set_epoch(2)
+            per_rank.append(list(torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True)))
+        assert len({len(s) for s in per_rank}) == 1
+        return [sorted(sum((s[i] for s in per_rank), [])) for i in range(len(per_rank[0]))]
+    one = steps(1, 16)
+    assert len(one) == n // 16
+    assert steps(2, 8) == one and steps(8, 2) == one
 
 
 @pytest.mark.slow
