@@ -121,7 +121,7 @@ def evaluate(model, data_loader, device, args):
     'batch', the mean over all masked tokens of all validation videos; 'video', the mean over the
     videos of each one's mean. The masks are fixed by the dataset's noise, so every evaluation uses the
     same ones. retrieval: each masked segment's reconstruction is compared (cosine) with every real
-    segment of its validation batch; top1 is the % of masked segments whose own embedding is the most
+    segment of its validation batch (as the model's targets, ``model.loss_target``); top1 is the % of masked segments whose own embedding is the most
     similar, rank the mean rank of the own embedding divided by the number of other candidates (0 best,
     about 0.5 for a random guess). The loss can sit at the level of predicting the mean embedding while
     the encoder learns (see docs/PRETRAIN.md); retrieval does not hide that. ``data_loader`` may hold a
@@ -135,7 +135,7 @@ def evaluate(model, data_loader, device, args):
         with autocast(device, args):
             _, pred, _ = model(x, lengths, mask=mask)
         acc = [a + b for a, b in zip(acc, _loss_sums(model, x, pred, mask))]
-        ranks = retrieval_ranks(x, pred, mask, valid)
+        ranks = retrieval_ranks(model.loss_target(x), pred, mask, valid)
         top1 += (ranks == 0).sum().item()
         rank += (ranks.double() / max(int(valid.sum()) - 1, 1)).sum().item()
         n_masked += ranks.numel()
@@ -149,12 +149,13 @@ def trivial_losses(model, data_loader, device, args):
     """Losses of trivial answers on the validation masks, scored with the model's ``forward_loss`` as
     ``evaluate`` scores the model: ``mean`` predicts the mean embedding of the validation set's real
     tokens everywhere, ``copy`` copies the nearest visible segment of the same video; both with the
-    model's loss reduction. A model whose validation loss is not below both has learned nothing the
-    trivial answers do not know."""
+    model's loss reduction, and both in the space the model predicts (``model.loss_target``: the
+    per-token normalised embeddings with ``norm_pix_loss``). A model whose validation loss is not below
+    both has learned nothing the trivial answers do not know."""
     model.eval()
     sum_x, n_tok = torch.zeros(model.input_size, dtype=torch.float64, device=device), 0
     for x, lengths, _ in data_loader:
-        x, lengths = x.to(device).double(), lengths.to(device)
+        x, lengths = model.loss_target(x.to(device).double()), lengths.to(device)
         sum_x += (x * model.valid_mask(lengths, x.shape[1])[..., None]).sum((0, 1))
         n_tok += int(lengths.sum())
     sums = misc.all_reduce_sum(sum_x.tolist() + [n_tok], device)
@@ -163,6 +164,8 @@ def trivial_losses(model, data_loader, device, args):
     for x, lengths, noise in data_loader:
         x, lengths, noise = (t.to(device, non_blocking=True) for t in (x, lengths, noise))
         mask, valid = _masks(model, x, lengths, noise, args)
-        for name, pred in (('mean', mean_prediction(x, mean)), ('copy', copy_nearest_visible(x, mask, valid))):
+        target = model.loss_target(x)
+        for name, pred in (('mean', mean_prediction(target, mean)),
+                           ('copy', copy_nearest_visible(target, mask, valid))):
             sums[name] = [a + b for a, b in zip(sums[name], _loss_sums(model, x, pred, mask))]
     return {name: _reduce(model, misc.all_reduce_sum(v, device)) for name, v in sums.items()}

@@ -219,6 +219,14 @@ class LVMAE(nn.Module):
             z = blk(z, attn_mask=attn_mask)
         return self.decoder_pred(self.decoder_norm(z))[:, 1:]
 
+    def loss_target(self, x):
+        """What a prediction of ``x`` is compared with: ``x`` itself, or with ``norm_pix_loss`` each token
+        normalised to zero mean and unit variance over the dimension (as MAE)."""
+        if not self.norm_pix_loss:
+            return x
+        mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)
+        return (x - mean) / (var + 1.e-6) ** .5
+
     def forward_loss(self, x, pred, mask, reduction=None):
         """Loss on masked tokens only; a token's loss is the MSE over the dimension (or ``1 - cos``).
 
@@ -230,10 +238,7 @@ class LVMAE(nn.Module):
                    over several batches or processes.
         """
         reduction = reduction or self.loss_reduction
-        target, pred = x.float(), pred.float()
-        if self.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
+        target, pred = self.loss_target(x.float()), pred.float()
         if self.cos_loss:
             per_token = 1 - F.cosine_similarity(pred, target, dim=-1)
         else:

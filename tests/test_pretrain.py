@@ -656,3 +656,28 @@ def test_validation_diagnostics_logged(data, tmp_path, capsys):
     # the trivial answers are computed once, on the fixed validation masks
     assert log[0]['val_loss_mean_prediction'] == log[1]['val_loss_mean_prediction'] > 0
     assert log[0]['val_loss_copy_nearest'] == log[1]['val_loss_copy_nearest'] > 0
+
+
+def test_trivial_answers_are_scored_in_the_space_the_model_predicts(data):
+    """With --norm_pix_loss the model predicts per-token normalised embeddings: the trivial answers
+    (mean, copy of the nearest visible segment) are those of the normalised embeddings, not of the raw
+    ones, whose losses are far higher (0.72 against 0.33 for copying, on other generated data)."""
+    from engine_pretrain import trivial_losses
+    from util.reconstruction import copy_nearest_visible
+    loader = torch.utils.data.DataLoader(PretrainDataset(data['val'], D, 32, 0.5, train=False), batch_size=4,
+                                         collate_fn=collate_built)
+    args = argparse.Namespace(mask_ratio=0.5, masking_strategy=False, semantic_order='keep_changes')
+    model = models_lvmae.LVMAE(num_patches=32, input_size=D, depth=1, num_heads=2, decoder_embed_dim=16,
+                               decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
+    batches = []
+    for x, lengths, noise in loader:
+        valid = model.valid_mask(lengths, x.shape[1])
+        target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5
+        batches.append((x, target, model.make_mask(x, lengths, 0.5, noise=noise) & valid, valid))
+    mean = torch.cat([t[v] for _, t, _, v in batches]).mean(0)
+    expected = {}
+    for name, predict in (('mean', lambda t, m, v: mean.expand_as(t)), ('copy', copy_nearest_visible)):
+        sums = [model.forward_loss(x, predict(t, m, v), m, reduction='sum') for x, t, m, v in batches]
+        expected[name] = (sum(s for s, _ in sums) / sum(n for _, n in sums)).item()
+    got = trivial_losses(model, loader, 'cpu', args)
+    assert got == pytest.approx(expected, rel=1e-5)

@@ -97,9 +97,7 @@ def reconstruct(model, emb, mask_ratio, semantic, seed, device='cpu'):
     mask = model.make_mask(x, lengths, mask_ratio, semantic=semantic, noise=noise)
     _, pred, mask = model(x, lengths, mask=mask)
     mask = mask.bool()
-    target = x
-    if model.norm_pix_loss:  # the model predicts per-token normalised embeddings: compare with those
-        target = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1.e-6) ** .5
+    target = model.loss_target(x)   # with norm_pix_loss the model predicts per-token normalised embeddings
     copy = copy_nearest_visible(target, mask, valid)
     unit = F.normalize(x[0].float(), dim=-1)
     return dict(
