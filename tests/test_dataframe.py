@@ -161,6 +161,24 @@ def test_cli_reports_error_without_traceback(lvu):
     assert r.stderr.strip() == f"error: {path} line 4: view count -3 must be > 0 in '-3 v_x tt1'"
 
 
+
+@pytest.mark.parametrize('dataset,name,text,encoding,line', [
+    ('lvu', 'relationship/val.csv', 'class_id class_name youtube_id imdb_id\n1 Almodóvar r_e tt1\n', 'latin-1', 2),
+    ('breakfast', 'test.csv', 'file_name,duration,action,class_id\nP03_tea,5,tea,2\n', 'utf-16', 1),
+    ('coin', 'COIN.json', '{"database": {"y1": {"recipe_type": 1, "subset": "training", "class": "Café"}}}',
+     'latin-1', 1),
+], ids=['lvu', 'breakfast', 'coin'])
+def test_annotation_not_in_utf8_names_file_and_line(lvu, dataset, name, text, encoding, line):
+    ann, store, _, out = lvu
+    folder = {'lvu': ann, 'breakfast': ann.parent / 'bf', 'coin': ann.parent}[dataset]
+    write(folder / 'train.csv', 'file_name,duration,action,class_id\nP04_tea,5,tea,2\n')
+    with open(folder / name, 'wb') as f:
+        f.write(text.encode(encoding))
+    source = ['--annotation_file', folder / name] if dataset == 'coin' else ['--annotation_dir', folder]
+    with pytest.raises(sdf.AnnotationError) as e:
+        sdf.main(args('--dataset', dataset, *source, '--embedding_dir', store, '--out_dir', out))
+    assert str(e.value).startswith(f'{folder / name} line {line}: not UTF-8 text')
+
 def test_hold_out_val_stratified_seeded():
     train = [(f'a{i}', 0, 'x') for i in range(20)] + [(f'b{i}', 1, 'y') for i in range(7)] + [('c0', 2, 'z')]
     tr, val = sdf.hold_out_val(train, 0.2, seed=3)

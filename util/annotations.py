@@ -6,6 +6,7 @@ Every reader returns rows ``Row(video_id, label, label_name, where)``; ``where``
 the file and line.
 """
 import csv
+import io
 import json
 import math
 import os
@@ -27,6 +28,19 @@ class Row(NamedTuple):
     label: object       # int class id, or float regression target
     label_name: str
     where: str = ''     # '<file> line <n>' (or '<file> entry <id>')
+
+
+def read_text(path):
+    """Text of an annotation file: UTF-8, with or without a byte-order mark; another encoding (Latin-1,
+    UTF-16) is an ``AnnotationError`` naming the file and the line of the first byte that is not UTF-8."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    try:
+        return data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b'\n') + 1
+        raise AnnotationError(f'{path} line {line}: not UTF-8 text (byte {e.start}: {e.reason}); '
+                              f'save the file as UTF-8') from None
 
 
 # ---------------------------------------------------------------- LVU
@@ -54,8 +68,7 @@ def read_lvu_split(path, task):
     """One LVU split file: space-separated, one header line, youtube id = ``line.split()[-2]``.
     Classification lines are ``class_id class_name youtube_id imdb_id`` (the name may hold spaces)."""
     rows = []
-    with open(path, encoding='utf-8-sig') as f:
-        lines = f.read().splitlines()
+    lines = read_text(path).splitlines()
     expected = {'like_ratio': 4, 'view_count': 3}.get(task)
     for n, line in enumerate(lines[1:], start=2):
         fields = line.split()
@@ -123,7 +136,7 @@ def read_breakfast_split(path):
     if not os.path.isfile(path):
         raise AnnotationError(f'{path}: split file not found')
     rows = []
-    with open(path, newline='', encoding='utf-8-sig') as f:
+    with io.StringIO(read_text(path), newline='') as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if not {'file_name', 'action', 'class_id'} <= set(header):
@@ -154,8 +167,7 @@ def breakfast_task(annotation_dir):
 def read_coin(path):
     """COIN.json -> ``(Task, training rows, testing rows)``; label = recipe_type."""
     try:
-        with open(path, encoding='utf-8-sig') as f:
-            database = json.load(f)['database']
+        database = json.loads(read_text(path))['database']
     except FileNotFoundError:
         raise AnnotationError(f'{path}: file not found') from None
     except json.JSONDecodeError as e:
