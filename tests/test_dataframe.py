@@ -223,6 +223,19 @@ def test_breakfast(tmp_path):
         sdf.main(args(*common, '--out_dir', tmp_path / 'd'))
 
 
+
+def test_breakfast_spreadsheet_blank_rows_are_skipped(tmp_path):
+    names = ['cereals', 'coffee']
+    rows = [(f'P{p:02d}_{names[c]}', c) for p in range(3, 9) for c in (0, 1)]
+    for split, part, tail in (('train', rows[:8], ',,,\r\n'), ('test', rows[8:], '  \r\n,, ,\r\n\r\n')):
+        write(tmp_path / 'ann' / f'{split}.csv', 'file_name,duration,action,class_id\r\n' + ''.join(
+            f'{v},56.5,{names[c]},{c}\r\n' for v, c in part) + tail)
+    make_store(tmp_path / 'store', [v for v, _ in rows])
+    assert sdf.main(args('--dataset', 'breakfast', '--annotation_dir', tmp_path / 'ann', '--embedding_dir',
+                         tmp_path / 'store', '--val_fraction', 0, '--out_dir', tmp_path / 'out')) == 0
+    assert read(tmp_path / 'out' / 'breakfast' / 'test.csv').video_id.tolist() == [v for v, _ in rows[8:]]
+    assert len(read(tmp_path / 'out' / 'breakfast' / 'train.csv')) == 8
+
 def test_coin(tmp_path):
     db = {f'y{i:03d}': {'recipe_type': i % 3 * 60, 'class': f'task{i % 3 * 60}', 'duration': 100.0,
                         'subset': 'testing' if i % 5 == 0 else 'training', 'annotation': []} for i in range(30)}

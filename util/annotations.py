@@ -132,7 +132,8 @@ def lvu_tasks(root, tasks=None, log=print):
 # ---------------------------------------------------------------- Breakfast and COIN
 
 def read_breakfast_split(path):
-    """``file_name,duration,action,class_id`` with a header line."""
+    """``file_name,duration,action,class_id`` with a header line; a row of empty fields (a spreadsheet's
+    blank row) is skipped as a blank line is."""
     if not os.path.isfile(path):
         raise AnnotationError(f'{path}: split file not found')
     rows = []
@@ -144,7 +145,7 @@ def read_breakfast_split(path):
         col = {h: i for i, h in enumerate(header)}
         for fields in reader:
             where = f'{path} line {reader.line_num}'
-            if not fields:
+            if not ''.join(fields).strip():
                 continue
             if len(fields) != len(header):
                 raise AnnotationError(f'{where}: expected {len(header)} comma-separated fields, got {len(fields)}')
