@@ -236,6 +236,29 @@ def test_breakfast_spreadsheet_blank_rows_are_skipped(tmp_path):
     assert read(tmp_path / 'out' / 'breakfast' / 'test.csv').video_id.tolist() == [v for v, _ in rows[8:]]
     assert len(read(tmp_path / 'out' / 'breakfast' / 'train.csv')) == 8
 
+
+def test_breakfast_class_ids_must_mean_one_action_in_both_files(tmp_path):
+    names = ['cereals', 'coffee', 'tea']   # test.csv numbered alphabetically, as another copy of the split may be
+    write(tmp_path / 'ann' / 'train.csv', 'file_name,duration,action,class_id\n' + ''.join(
+        f'P{p:02d}_{names[c]},5,{names[c]},{c}\n' for p in range(3, 9) for c in (0, 1, 2)))
+    write(tmp_path / 'ann' / 'test.csv', 'file_name,duration,action,class_id\nP40_coffee,5,coffee,1\nP40_tea,5,tea,9\n')
+    make_store(tmp_path / 'store', ['P40_coffee', 'P40_tea'])
+    common = ['--dataset', 'breakfast', '--annotation_dir', tmp_path / 'ann', '--embedding_dir', tmp_path / 'store']
+    with pytest.raises(sdf.AnnotationError) as e:
+        sdf.main(args(*common, '--out_dir', tmp_path / 'out'))
+    assert str(e.value) == (f"{tmp_path / 'ann' / 'test.csv'} line 3: action 'tea' has class_id 9, but "
+                            f"{tmp_path / 'ann' / 'train.csv'} line 4 gives 'tea' class_id 2; each action needs one "
+                            f"class id in both files")
+    write(tmp_path / 'ann' / 'test.csv', 'file_name,duration,action,class_id\nP40_coffee,5,salad,1\n')
+    with pytest.raises(sdf.AnnotationError, match=r"test.csv line 2: action 'salad' has class_id 1, but .*train.csv "
+                                                  r"line 3 gives 'coffee' class_id 1"):
+        sdf.main(args(*common, '--out_dir', tmp_path / 'out'))
+    assert not os.path.exists(tmp_path / 'out')
+    write(tmp_path / 'ann' / 'test.csv', 'file_name,duration,action,class_id\nP40_coffee,5,coffee,1\n')
+    sdf.main(args(*common, '--out_dir', tmp_path / 'out'))
+    assert get_task('breakfast', tmp_path / 'out').class_names == ['cereals', 'coffee', 'tea', 'pancake', 'friedegg',
+                                                                   'scrambledegg', 'sandwich', 'juice', 'milk', 'salat']
+
 def test_coin(tmp_path):
     db = {f'y{i:03d}': {'recipe_type': i % 3 * 60, 'class': f'task{i % 3 * 60}', 'duration': 100.0,
                         'subset': 'testing' if i % 5 == 0 else 'training', 'annotation': []} for i in range(30)}

@@ -160,9 +160,22 @@ def read_breakfast_split(path):
 
 
 def breakfast_task(annotation_dir):
-    """``(Task, train rows, test rows)`` from a folder holding Breakfast's ``train.csv`` and ``test.csv``."""
+    """``(Task, train rows, test rows)`` from a folder holding Breakfast's ``train.csv`` and ``test.csv``.
+    Each action must have one class id, and each class id one action, over both files (two files that
+    number the classes differently would give wrong labels without any error); the class names are the files'."""
     train, test = (read_breakfast_split(os.path.join(annotation_dir, f'{s}.csv')) for s in ('train', 'test'))
-    return builtin_task('breakfast'), train, test
+    first = {}
+    for r in train + test:
+        for key in (('class_id', r.label), ('action', r.label_name)):
+            r0 = first.setdefault(key, r)
+            if (r0.label, r0.label_name) != (r.label, r.label_name):
+                raise AnnotationError(f'{r.where}: action {r.label_name!r} has class_id {r.label}, but {r0.where} '
+                                      f'gives {r0.label_name!r} class_id {r0.label}; each action needs one class id '
+                                      f'in both files')
+    task = builtin_task('breakfast')
+    task.class_names = [n or b for n, b in zip(class_names({'train': train, 'test': test}, task.num_classes),
+                                               BREAKFAST_CLASSES)]
+    return task, train, test
 
 
 def read_coin(path):
