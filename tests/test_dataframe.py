@@ -275,9 +275,18 @@ def test_coin(tmp_path):
     task = get_task('coin', tmp_path / 'out')
     assert task.num_classes == 180 and task.class_names[60] == 'task60' and task.class_names[1] == ''
 
-    db['y001']['recipe_type'] = 180
+    db['y001']['recipe_type'] = '60'   # a number written as a string is that number
     write(tmp_path / 'COIN.json', json.dumps({'database': db}))
-    with pytest.raises(sdf.AnnotationError, match=r"COIN.json entry 'y001': recipe_type 180"):
+    sdf.main(args(*common, '--out_dir', tmp_path / 'out3'))
+    assert read(tmp_path / 'out3' / 'coin' / 'train.csv').equals(read(tmp_path / 'out' / 'coin' / 'train.csv'))
+
+    for value in (180, True, 1.5, 'sixty'):
+        db['y001']['recipe_type'] = value
+        write(tmp_path / 'COIN.json', json.dumps({'database': db}))
+        with pytest.raises(sdf.AnnotationError, match=rf"COIN.json entry 'y001': recipe_type {value!r} is not"):
+            sdf.main(args(*common, '--out_dir', tmp_path / 'out2'))
+    write(tmp_path / 'COIN.json', json.dumps({'database': list(db)}))
+    with pytest.raises(sdf.AnnotationError, match='"database" must map each video id to its entry, got a list'):
         sdf.main(args(*common, '--out_dir', tmp_path / 'out2'))
 
 

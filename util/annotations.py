@@ -179,7 +179,8 @@ def breakfast_task(annotation_dir):
 
 
 def read_coin(path):
-    """COIN.json -> ``(Task, training rows, testing rows)``; label = recipe_type."""
+    """COIN.json -> ``(Task, training rows, testing rows)``; label = recipe_type (an integer, or one written
+    as a string: ``"12"``)."""
     try:
         database = json.loads(read_text(path))['database']
     except FileNotFoundError:
@@ -188,6 +189,9 @@ def read_coin(path):
         raise AnnotationError(f'{path} line {e.lineno}: invalid JSON ({e.msg})') from None
     except (KeyError, TypeError):
         raise AnnotationError(f'{path}: no top-level "database" object') from None
+    if not isinstance(database, dict):
+        raise AnnotationError(f'{path}: "database" must map each video id to its entry, '
+                              f'got a {type(database).__name__}')
     task = builtin_task('coin')
     subsets, names = {'training': [], 'testing': []}, [''] * task.num_classes
     for vid, ann in database.items():
@@ -196,7 +200,9 @@ def read_coin(path):
             label, subset = ann['recipe_type'], ann['subset']
         except (KeyError, TypeError):
             raise AnnotationError(f'{where}: needs "recipe_type" and "subset"') from None
-        if not isinstance(label, int) or not 0 <= label < task.num_classes:
+        if isinstance(label, str) and label.strip().isdigit():
+            label = int(label)
+        if type(label) is not int or not 0 <= label < task.num_classes:
             raise AnnotationError(f'{where}: recipe_type {label!r} is not an integer in 0..{task.num_classes - 1}')
         if subset not in subsets:
             raise AnnotationError(f'{where}: subset {subset!r} is not "training" or "testing"')
