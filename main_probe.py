@@ -105,8 +105,9 @@ def check_args(args):
         bad('lr', f'must be positive (got {args.lr})')
     if not all(np.isfinite(v) and v >= 0 for v in args.weight_decay):
         bad('weight_decay', f'must be zero or positive (got {args.weight_decay})')
-    if len(set(args.lr)) < len(args.lr) or len(set(args.weight_decay)) < len(args.weight_decay):
-        bad('lr' if len(set(args.lr)) < len(args.lr) else 'weight_decay', 'a value is given twice')
+    for flag in ('lr', 'weight_decay', 'seeds'):   # a repeated seed would count one run twice in mean and std
+        if len(set(getattr(args, flag))) < len(getattr(args, flag)):
+            bad(flag, 'a value is given twice')
     if args.lr_decay is not None and not 0 < args.lr_decay <= 1:
         bad('lr_decay', f'must be in (0, 1] (got {args.lr_decay})')
     if args.lr_decay is not None and args.sched in ('cosine', 'none'):

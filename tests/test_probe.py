@@ -455,11 +455,12 @@ def test_huge_regression_labels_stop(data, tmp_path):
 
 
 @pytest.mark.parametrize('flag,value', [('batch_size', '0'), ('epochs', '0'), ('lr', '-1'), ('weight_decay', '-1'),
-                                        ('feature_batch_size', '0'), ('lr_decay', '1.5')])
+                                        ('feature_batch_size', '0'), ('lr_decay', '1.5'), ('lr', '1e-3 1e-3'),
+                                        ('seeds', '0 1 0')])   # a repeated seed would count twice in mean and std
 def test_bad_flags_are_argparse_style_errors(data, flag, value):
     from util.errors import InputError
     with pytest.raises(InputError, match=f'argument --{flag}: '):
-        run(data, 'lp', 'mix', '--baseline', 'raw', f'--{flag}', value, out='flags')
+        run(data, 'lp', 'mix', '--baseline', 'raw', f'--{flag}', *value.split(), out='flags')
 
 
 class _Opaque:   # an object that weights-only loading refuses
