@@ -247,7 +247,7 @@ def run_task(args, name, spec, cache_dir, in_group=False, log_file=None):
     folder = os.path.join(args.data_path, name)
     test_csv = os.path.join(folder, 'test.csv')
     if not has_embeddings(test_csv):
-        reason = f'no test embeddings ({test_csv} missing or none of its embedding files exists)'
+        reason = f'no test embeddings ({test_csv} missing, without rows, or none of its embedding files exists)'
         if in_group:
             print(f'[{name}] skipped: {reason}')
             return {'skipped': reason}, False

@@ -88,6 +88,8 @@ def data(tmp_path_factory):
     write_task(root, 'badlabel', {s: [mix_video(0), mix_video(1), mix_video(3)] for s in SPLITS}, 3)
     write_task(root, 'holes', {s: [mix_video(0), mix_video(1)] for s in SPLITS}, 4)
     os.remove(embedding_path(os.path.join(root, 'embeddings'), 'holes_val_1'))
+    # as step 4 writes it when no test video has embeddings: test.csv holds the header alone
+    write_task(root, 'none', {'train': [mix_video(0), mix_video(1)], 'val': [mix_video(0)], 'test': []}, 4)
 
     # an encoder that adds positions, saved in the original release's layout (args = Namespace, names
     # of a DistributedDataParallel-wrapped model; its decoder differs from our defaults and is ignored)
@@ -257,14 +259,16 @@ def test_cached_equals_uncached_and_seeds(data):
 
 
 def test_group_run_skips_task_without_test_embeddings(data):
-    res = run(data, 'lp', 'mix gone', '--baseline', 'raw', '--epochs', '2', out='group')
+    res = run(data, 'lp', 'mix gone none', '--baseline', 'raw', '--epochs', '2', out='group')
     assert 'skipped' in res['tasks']['gone'] and 'test.csv' in res['tasks']['gone']['skipped']
+    assert 'skipped' in res['tasks']['none']   # step 4 writes a header alone when no test video has embeddings
     md = open(os.path.join(data['root'], 'group', 'results.md')).read()
     assert 'skipped*' in md and '| Avg |' in md
     saved = json.load(open(os.path.join(data['root'], 'group', 'results.json')))
     assert saved['tasks']['gone'] == res['tasks']['gone'] and saved['classification_avg'] == res['tasks']['mix']['test_mean']
-    with pytest.raises(EmbeddingError, match='no test embeddings'):   # alone, it is an error
-        run(data, 'lp', 'gone', '--baseline', 'raw', '--epochs', '1')
+    for task in ('gone', 'none'):   # alone, it is an error
+        with pytest.raises(EmbeddingError, match='no test embeddings'):
+            run(data, 'lp', task, '--baseline', 'raw', '--epochs', '1')
 
 
 def test_bad_inputs_name_file_row_or_parameter(data):

@@ -188,11 +188,12 @@ def _check_field_counts(csv_path):
         raise EmbeddingError(f'{csv_path}: unreadable CSV ({e})') from None
 
 
-def read_csv(csv_path, label_required=False):
+def read_csv(csv_path, label_required=False, allow_empty=False):
     """Read a dataset CSV into a list of row dicts with resolved paths.
 
     Each dict has ``video_id``, ``row`` (1-based data row, the header is row 0), ``source`` (a
     store path or a list of legacy segment paths) and, when present, ``label`` / ``label_name``.
+    A CSV with a header and no rows is an error unless ``allow_empty``.
     """
     if not os.path.isfile(csv_path):
         raise EmbeddingError(f'{csv_path}: CSV file not found')
@@ -209,7 +210,7 @@ def read_csv(csv_path, label_required=False):
                              f'has {list(df.columns)}')
     if label_required and 'label' not in df.columns:
         raise EmbeddingError(f'{csv_path}: needs a "label" column, has {list(df.columns)}')
-    if len(df) == 0:
+    if len(df) == 0 and not allow_empty:
         raise EmbeddingError(f'{csv_path}: CSV has a header but no rows')
     base = os.path.dirname(os.path.abspath(csv_path))
 

@@ -146,11 +146,12 @@ def load_split(csv_path, task, input_size):
 
 
 def has_embeddings(csv_path):
-    """False when the CSV is missing or none of its rows' embedding files exists."""
+    """False when the CSV is missing, has no rows (step 4 writes its header alone when no video of the
+    split has embeddings) or none of its rows' embedding files exists."""
     if not os.path.isfile(csv_path):
         return False
     try:
-        rows = read_csv(csv_path)
+        rows = read_csv(csv_path, allow_empty=True)
     except EmbeddingError:
         return True  # a broken CSV is reported by load_split
     exists = lambda s: all(map(os.path.isfile, s)) if isinstance(s, list) else os.path.isfile(s)
