@@ -55,7 +55,8 @@ def results_markdown(summary, regression):
              '| ' + ' | '.join([method_name(summary)] + [cell(n) for n in cols]) + ' |', '']
     seeds = {len(r['per_seed']) for r in summary['tasks'].values() if 'per_seed' in r}
     reg = [n for n in names if regression[n]]
-    lines.append(f'Test score at the epoch with the best val score; mean ± std over {max(seeds, default=0)} seed(s). '
+    lines.append(f'Test score at the epoch with the best val score; mean ± std (population std, ddof 0) over '
+                 f'{max(seeds, default=0)} seed(s). '
                  'Top-1 % for classification' + (f', MSE (lower is better) for {", ".join(reg)}.' if reg else '.'))
     if cls:
         lines.append(f'Avg: mean top-1 over {", ".join(n for n in cls if "skipped" not in summary["tasks"][n])}.')
