@@ -12,7 +12,8 @@ while its workers already decode, so its time includes that overlap (its summary
 about 0.1 s for the tiny encoder, much more for ``--config huge``).
 
 ``--decode_limit`` generates realistic H.264 (``--dl_videos`` videos, by default 2 of 2 minutes;
-480x270, 30 fps, libx264's defaults with B-frames, textured moving content), times decoding every
+480x270, 30 fps, libx264's defaults with B-frames, textured moving content; ``--dl_codec vp9`` or
+``av1``: those codecs, a key frame every 4 s), times decoding every
 frame of them with ``--num_workers`` processes, then step 3 (tiny random encoder, run as its own
 process) with the same number of decoding workers: ``ratio`` = step 3's work time (its summary's
 ``seconds``) / the time to decode everything; ``decoding_side_ratio``: the same for step 3's
@@ -62,6 +63,9 @@ def get_args_parser():
                         help='only the decode-limit measure (step 3 against decoding every frame)')
     parser.add_argument('--dl_seconds', default=120.0, type=float,
                         help='length of each decode-limit video (480x270, 30 fps)')
+    parser.add_argument('--dl_codec', default='h264', choices=sorted(DL_CODECS),
+                        help='codec of the decode-limit videos (encoders\' defaults but a key frame every 4 s '
+                             'for vp9 and av1; h264: libx264\'s defaults)')
     parser.add_argument('--dl_videos', default=2, type=int,
                         help='decode-limit videos (e.g. 16 with --num_workers 16 on a 16-core GPU server: '
                              'one thread a worker)')
@@ -144,16 +148,24 @@ def _decoding_side(item):
     return sum(1 for _ in langbind_preprocessing.job_segments(job, threads, shared=True, raw=True))
 
 
+DL_CODECS = {'h264': ('libx264', None, 'mp4'),
+             'vp9': ('libvpx-vp9', {'g': '120', 'cpu-used': '8', 'threads': '1'}, 'webm'),
+             'av1': ('libsvtav1', {'g': '120', 'preset': '10', 'svtav1-params': 'log-level=1'}, 'mp4')}
+
+
 def _texture_video(item):
-    path, seconds, seed = item
-    write_video(path, moving_texture_frames(seconds, 30, (480, 270), seed=seed), fps=30)
+    path, seconds, seed, codec = item
+    encoder, options, _ = DL_CODECS[codec]
+    write_video(path, moving_texture_frames(seconds, 30, (480, 270), seed=seed), fps=30, codec=encoder,
+                options=options)
 
 
 def decode_limit(args, work):
-    video_dir = os.path.join(work, 'dl_videos')
+    # one folder per kind of videos: step 1 segments every video of it
+    video_dir = os.path.join(work, f'dl_videos_{args.dl_codec}_{args.dl_videos}x{args.dl_seconds:g}s')
     os.makedirs(video_dir, exist_ok=True)
-    paths = [os.path.join(video_dir, f'texture{i}.mp4') for i in range(args.dl_videos)]
-    todo = [(path, args.dl_seconds, i) for i, path in enumerate(paths) if not os.path.isfile(path)]
+    paths = [os.path.join(video_dir, f'texture{i}.{DL_CODECS[args.dl_codec][2]}') for i in range(args.dl_videos)]
+    todo = [(path, args.dl_seconds, i, args.dl_codec) for i, path in enumerate(paths) if not os.path.isfile(path)]
     with ProcessPoolExecutor(max(1, min(len(todo), os.cpu_count()))) as pool:
         list(pool.map(_texture_video, todo))
     seg_dir, emb_dir = os.path.join(work, 'dl_segments'), os.path.join(work, 'dl_embeddings')
@@ -183,6 +195,7 @@ def decode_limit(args, work):
          decoding_side_s=round(side_s, 2), decoding_side_ratio=round(side_s / decode_s, 3),
          startup_s=summary['first_batch_s'],
          frames=frames, segments=summary['segments'], num_workers=args.num_workers, video='480x270@30',
+         codec=args.dl_codec,
          video_seconds=args.dl_seconds, num_videos=args.dl_videos, megabytes=round(sum(map(os.path.getsize, paths)) / 1e6, 1),
          cpus=os.cpu_count(), config='tiny', random_init=True)
 

@@ -562,12 +562,17 @@ def test_skipping_unsampled_frames_keeps_the_frames(tmp_path, options, threads):
     ('hevc.mp4', 'libx265', {'x265-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0:open-gop=0:log-level=0'}, True),
     # HEVC open GOPs (libx265's default): cut at CRA pictures, whose leading frames belong to the part before
     ('cra.mkv', 'libx265', {'x265-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0:open-gop=1:log-level=0'}, True),
+    # VP9 and AV1 (no skipping): cut at their shown key frames
+    ('vp9.webm', 'libvpx-vp9', {'g': '24', 'threads': '1', 'cpu-used': '8'}, True),
+    ('av1.mp4', 'libsvtav1', {'g': '24', 'preset': '11', 'svtav1-params': 'log-level=1'}, True),
     ('open.mp4', 'libx264', {'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:open-gop=1:bframes=3:scenecut=0'}, False),
+    # AV1 with forward key frames (hidden, shown later: not a place to start): one piece
+    ('fwdkf.mkv', 'libsvtav1', {'g': '24', 'preset': '11', 'svtav1-params': 'irefresh-type=1:log-level=1'}, False),
     ('closed.ts', 'libx264', {'threads': '1', 'x264-params': 'keyint=24:min-keyint=24:bframes=3:scenecut=0'}, False),
 ])
 def test_parts_decoded_in_parallel_keep_the_frames(tmp_path, name, codec, options, parallel):
-    """A video is cut at its IDR pictures (HEVC: also CRA) into parts (H.264 / HEVC in MP4 or
-    Matroska), decoded on as many threads as given: exactly the frames of one full decode, in order.
+    """A video is cut at its IDR pictures (HEVC: also CRA; VP9 / AV1: key frames) into parts (in MP4
+    or Matroska), decoded on as many threads as given: exactly the frames of one full decode, in order.
     H.264 open GOPs (no IDR after the first frame) and containers that cannot seek exactly are decoded
     in one piece."""
     path = str(tmp_path / name)
@@ -962,6 +967,28 @@ def test_nal_scan_of_malformed_packets_and_records():
            + b''.join(len(s).to_bytes(2, 'big') + s for s in pps) + b'\xfd\xf8\xf8\x00')
     assert frames._extradata_parameter_sets(SimpleNamespace(name='h264', extradata=rec)) == set(sps + pps)
     assert frames._extradata_parameter_sets(SimpleNamespace(name='h264', extradata=rec[:-6])) is None
+
+
+def test_vp9_and_av1_key_frames():
+    """The VP9 and AV1 headers read to cut at key frames: only a shown key frame (AV1: after a sequence
+    header) starts a part; damaged bytes raise nothing."""
+    import random
+    assert frames._vp9_key(b'\x82\x49') and frames._vp9_key(b'\xb1')  # profile 0; profile 3 (reserved bit)
+    assert not any(frames._vp9_key(b) for b in (b'\x86', b'\x88', b'\x80', b'\x02', b''))  # inter, shown existing, hidden
+    seq, td = b'\x0a\x02\x00\x00', b'\x12\x00'  # sequence header (not a reduced still picture), temporal delimiter
+
+    def frame(first, kind=6):  # an OBU of ``kind`` (6 frame, 3 frame header) with its size field
+        return bytes([kind << 3 | 2, 2, first, 0])
+
+    assert frames._av1_key(td + seq + frame(0x10)) and frames._av1_key(seq + frame(0x10, 3))  # shown key frame
+    assert not frames._av1_key(frame(0x10))  # no sequence header in the unit
+    assert not any(frames._av1_key(seq + frame(b)) for b in (0x00, 0x30, 0x80))  # hidden key, inter, shown existing
+    assert frames._av1_key(b'\x0a\x01\x08' + frame(0xff))  # reduced still picture: a key frame
+    assert frames._av1_key(seq + bytes([6 << 3 | 4 | 2, 0, 2, 0x10, 0]))  # a frame OBU with an extension byte
+    rng = random.Random(0)
+    for _ in range(3000):
+        data = bytes(rng.choice([0, 2, 0x0a, 0x12, 0x32, 0x80, 0x82, 0xff]) for _ in range(rng.randint(0, 12)))
+        frames._vp9_key(memoryview(data)), frames._av1_key(memoryview(data))
 
 
 def test_hevc_file_starting_at_a_cra_with_rasl_frames(tmp_path):

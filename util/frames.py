@@ -12,7 +12,8 @@ which the decoder skips the non-reference frames (B-frames nothing else is predi
 segment samples: about half the frames of an H.264 file with libx264's defaults. Reference frames
 are always decoded, so the frames kept are bit for bit those of a full decode. H.264 and HEVC in MP4
 or Matroska are cut at their IDR pictures (HEVC: also CRA; where decoding may start without changing
-any frame) into parts of whole GOPs, each sought to, decoded with one FFmpeg thread and stopped
+any frame), VP9 and AV1 there (and in WebM) at their shown key frames (AV1: those after a sequence
+header), into parts of whole GOPs, each sought to, decoded with one FFmpeg thread and stopped
 after its last sampled frame, on as many threads as the caller gives (the parts, and so the frames,
 do not depend on the number of threads; from the first part that does not decode cleanly, a damaged
 file is decoded from its start, except that damage after a GOP's last sampled frame is never
@@ -175,6 +176,47 @@ def _scan(data, codec_name, size, sets):
     return bool(idr), known
 
 
+def _vp9_key(data):
+    """Whether a VP9 packet starts with a shown key frame (a superframe starts with its first frame),
+    from which decoding gives exactly the frames of a decode from the file's start: a key frame
+    refreshes every reference and resets every probability context."""
+    b = data[0] if len(data) else 0
+    if b >> 6 != 2:  # frame_marker
+        return False
+    i = 4 + (b >> 4 & 3 == 3)  # profile bits (profile 3: a reserved bit), then show_existing_frame
+    return not b >> (7 - i) & 1 and not b >> (6 - i) & 1 and bool(b >> (5 - i) & 1)  # key frame, shown
+
+
+def _av1_key(data):
+    """Whether an AV1 temporal unit starts a new coded video sequence: a sequence header, then a
+    first frame header (base layer) of a shown key frame, which refreshes every reference (a random
+    access point of the AV1 specification)."""
+    i, reduced = 0, None
+    try:
+        while i < len(data):
+            h = data[i]
+            kind, i = h >> 3 & 15, i + 1 + (h >> 2 & 1)  # the OBU's type; its extension byte
+            if h >> 7:  # forbidden bit
+                return False
+            if h & 2:  # obu_size, leb128
+                n, shift = 0, 0
+                while True:
+                    n, i, shift = n | (data[i] & 0x7f) << shift, i + 1, shift + 7
+                    if not data[i - 1] & 0x80:
+                        break
+            else:
+                n = len(data) - i
+            if n and kind == 1:  # sequence header: seq_profile(3) still_picture(1) reduced_still_picture_header(1)
+                reduced = data[i] >> 3 & 1
+            elif n and kind in (3, 6):  # frame header, frame
+                # show_existing_frame(1) frame_type(2) show_frame(1), unless a reduced still picture (a key frame)
+                return reduced is not None and (reduced == 1 or data[i] >> 4 == 1)
+            i += n
+    except IndexError:
+        pass
+    return False
+
+
 def _reorder_depth(pts):
     """How many frames a decoder must hold back to output ``pts`` (in decode order) in presentation
     order: the most frames decoded before one frame and shown after it (looking 16 frames back, the
@@ -186,24 +228,38 @@ def _reorder_depth(pts):
     return int(later.max()) if len(p) else 0
 
 
+def _random_access(container, codec):
+    """For a stream whose container seeks exactly, a function of a packet's bytes giving ``(whether
+    decoding may start at it, whether a decode from such a start knows the parameter sets it
+    carries)``; None for other streams."""
+    if container.format.name not in SEEK_EXACT_FORMATS:
+        return None
+    if codec.name in VP9_DECODERS:
+        return lambda data: (_vp9_key(data), True)
+    if codec.name in AV1_DECODERS:
+        return lambda data: (_av1_key(data), True)
+    size = _nal_length_size(codec)
+    sets = _extradata_parameter_sets(codec) if size else None
+    return None if sets is None else lambda data: _scan(data, codec.name, size, sets)
+
+
 def _frame_keys(container, stream, rate):
     """Keys of all frames in presentation order, their times (s from the first frame), the time the
     last frame ends (its time plus its duration), whether the keys are timestamps (else decode
-    positions, for containers without timestamps), the timestamps of the IDR pictures (H.264 and
-    HEVC in MP4 or Matroska; else none) and the reorder depth the timestamps need."""
+    positions, for containers without timestamps), the timestamps of the pictures decoding may start
+    at (in MP4 or Matroska: H.264 / HEVC IDR pictures, HEVC CRA too, VP9 / AV1 key frames; else none)
+    and the reorder depth the timestamps need."""
     pts, end, idr = [], None, []
-    codec = stream.codec_context
-    size = _nal_length_size(codec) if container.format.name in SEEK_EXACT_FORMATS else None
-    sets = _extradata_parameter_sets(codec) if size else None
+    scan = _random_access(container, stream.codec_context)
     for p in container.demux(stream):
         if p.size:
             pts.append(p.pts)
             if p.pts is not None and p.duration:
                 end = p.pts + p.duration if end is None else max(end, p.pts + p.duration)
-            if sets is not None:
-                is_idr, known = _scan(memoryview(p), codec.name, size, sets)
+            if scan is not None:
+                is_idr, known = scan(memoryview(p))
                 if not known:  # parameter sets sent in the stream: no parts
-                    sets, idr = None, []
+                    scan, idr = None, []
                 elif is_idr and p.is_keyframe and p.pts is not None:
                     idr.append(p.pts)
     if pts and None not in pts:
@@ -274,6 +330,7 @@ def _assemble(items, shared):
 
 # codecs whose decoders honour skip_frame = NONREF by dropping only frames nothing refers to
 SKIP_NONREF_CODECS = {'h264', 'hevc', 'mpeg2video', 'mpeg1video'}
+VP9_DECODERS, AV1_DECODERS = {'vp9', 'libvpx-vp9'}, {'libdav1d', 'av1', 'libaom-av1'}
 # containers whose seeking to a key frame's timestamp lands on that key frame (MP4 / MOV, Matroska)
 SEEK_EXACT_FORMATS = {'mov,mp4,m4a,3gp,3g2,mj2', 'matroska,webm'}
 # a part of a video holds at least this many sampled frames (one segment), at most PART_BYTES of them
@@ -338,6 +395,7 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
     def run(start, keys):  # the part's frames, or None if it is not decoded cleanly
         if not hasattr(local, 'container'):
             local.container = av.open(path)
+            local.container.streams.video[0].codec_context.thread_count = 1
             opened.append(local.container)
         own = local.container
         n = [0, False]
@@ -396,13 +454,12 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
     parts decoded in parallel, see the module's docstring). Each is a view of
     ``[num, 3, 224, 224]`` memory, the layout the model reshapes to. A window that holds no frame (a
     pause in a variable-frame-rate video) takes the last frame before it, ``num`` times. ``skip``: let
-    the decoder drop the non-reference frames no segment samples (the frames returned are the same
-    either way). ``stats`` (a dict) receives the number of frames decoded and converted, and of
-    parts. ``shared``: build each segment in shared memory (a DataLoader worker then hands it over
-    without a copy). ``raw``: leave the transform to the caller
-    (``transform``, e.g. on the GPU) for frames of at most RAW_MAX_PIXELS whose resize (short side 224)
-    is no larger (aspect ratio up to 18:1): such a segment is the
-    ``[num, H, W, 3]`` uint8 frames, turned upright (a segment whose frames are larger, or not all of
+    the decoder drop the non-reference frames no segment samples, and decode in parts (False: every
+    frame, front to back; the frames returned are the same either way). ``stats`` (a dict) receives
+    the number of frames decoded and converted, and of parts. ``shared``: build each segment in shared
+    memory (a DataLoader worker then hands it over without a copy). ``raw``: leave the transform to the
+    caller (``transform``, e.g. on the GPU) for frames of at most RAW_MAX_PIXELS whose resize (short
+    side 224) is no larger (aspect ratio up to 18:1): such a segment is the ``[num, H, W, 3]`` uint8 frames, turned upright (a segment whose frames are larger, or not all of
     one size, is transformed here). Raises DecodeError naming the file and the segment it stopped at."""
     def where(k):
         return f'{path}: segment {k} [{windows[k][0]:g}-{windows[k][1]:g} s]' if windows else path
@@ -415,6 +472,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         if not container.streams.video:
             raise DecodeError(f'{path}: no video stream')
         stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # not FFmpeg's default (slice threads, as many as cores)
         try:
             rate = float(stream.average_rate or stream.guessed_rate or 25)
             keys, times, end_time, by_pts, idr, depth = _frame_keys(container, stream, rate)
@@ -436,22 +494,22 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         missing = [num] * len(spans)
         done = converted = 0
         count = [0, False]  # frames decoded, whether one was marked corrupt
-        skip = skip and by_pts and stream.codec_context.name in SKIP_NONREF_CODECS
+        need = set(todo) if skip and by_pts and stream.codec_context.name in SKIP_NONREF_CODECS else None
         # parts whatever the number of threads (the frames depend on the file alone), when the decoder
         # knows the reorder depth from the start (else FFmpeg learns it while decoding, dropping a
         # frame where it grows: a part would not) and every part is small enough
         frame_bytes = stream.codec_context.width * stream.codec_context.height * 3
-        parts = _parts(todo, idr) if skip and idr and stream.codec_context.reorder_depth >= depth else []
+        parts = _parts(todo, idr) if skip and by_pts and idr and stream.codec_context.reorder_depth >= depth else []
         if len(parts) < 2 or max(len(k) for _, k in parts) * frame_bytes > PART_BYTES:
             parts = []
         frames = None
         try:
             if parts:  # one FFmpeg thread per part, parts in parallel
-                frames = _sampled_in_parts(path, container, stream, parts, set(todo), max(threads, 1), count,
+                frames = _sampled_in_parts(path, container, stream, parts, need, max(threads, 1), count,
                                            frame_bytes)
             else:  # one FFmpeg thread: its frame threads conceal damage differently with each count and run
                 container.seek(0)
-                frames = _sampled(container, stream, todo, set(todo) if skip else None, by_pts, count)
+                frames = _sampled(container, stream, todo, need, by_pts, count)
             for keys, x in frames:
                 h, w = x.shape[:2]
                 # raw: at most RAW_MAX_PIXELS, and so is its resize before the crop (a frame of extreme
