@@ -7,7 +7,7 @@ checkpoint's ``config.json`` can select (tests/test_extract.py compares the two,
 one to the other), and its parameters carry the checkpoint's names, so util/langbind.py loads a
 checkpoint strictly.
 
-The architecture (the package's ``languagebind/video/modeling_video.py``): a CLIP ViT over each of the
+The architecture (the package's module ``languagebind.video.modeling_video``): a CLIP ViT over each of the
 T frames of a segment. Each layer first adds its own temporal embedding to every token and runs a
 pre-norm self-attention across the T frames at each token position (residual; no MLP), then the
 usual pre-norm spatial attention and MLP over the tokens of each frame. The output is the post-norm

@@ -139,7 +139,7 @@ def results_table(summary):
               'seed(s); chance: majority class on test. raw: the probe on the segment embeddings (no LV-MAE); '
               'untrained: the probe on the LV-MAE architecture freshly initialised (no pretraining); LV-MAE: on '
               'the pretrained encoder. order tasks: only the order of scenes across the video decides the label '
-              '(a mean over segments cannot); pooling: the frequencies of scene kinds decide it. '
+              '(a mean over segments cannot); pooling: a property visible in every segment (the tint) decides it. '
               f'{summary["date"]}, this run {summary["wall_time_s"] / 60:.1f} min, size {summary["size"]}.']
     if summary['random_encoder']:
         lines.append(f'\n**{RANDOM_NOTE}.**')

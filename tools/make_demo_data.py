@@ -1,7 +1,7 @@
 """Generate the demo's long-video benchmark: real video files built from six visually distinct scene
 kinds, many unlabelled videos for pretraining and fewer labelled ones in LVU's split-file format (so that
 step 4 reads them as LVU), with two tasks that only the ORDER of scenes across the video decides and one
-that the scene frequencies decide.
+that pooling decides (the tint of every frame).
 
     python tools/make_demo_data.py --output_dir demo_out/data [--num_videos 150] [--num_unlabelled 450]
         [--min_segments 8] [--max_segments 12] [--fps 2] [--size 32] [--seed 0]
