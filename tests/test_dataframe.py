@@ -378,6 +378,20 @@ def test_legacy_csv_and_converter(tmp_path, lvu):
         load_row(rows[-1], csv_path=tmp_path / 'mix.csv')
 
 
+def test_original_csv_listing_segments_in_text_order_reads_in_time_order(tmp_path):
+    """The original release's CSVs may list a video's segment files as a sorted file listing does
+    ('10-15' before '5-10'): they are read in time order, whole and by windows."""
+    from util.datasets import VideoRows
+    legacy = make_legacy(tmp_path / 'legacy', {'v': 12})['v'] / 100
+    paths = sorted(str(p) for p in (tmp_path / 'legacy' / 'v').glob('*/langbind_output.pt'))
+    assert os.path.basename(os.path.dirname(paths[1])) == '10-15'
+    write(tmp_path / 'orig.csv', f'video_id,segment_paths,number_of_segments\nv,"{paths}",12\n')
+    row = read_csv(tmp_path / 'orig.csv')[0]
+    torch.testing.assert_close(load_row(row, input_size=D), legacy)
+    with VideoRows(row, D) as v:
+        torch.testing.assert_close(v.read(1, 4), legacy[1:4])
+
+
 # ---------------------------------------------------------------- protocol and hardening
 
 def test_exclude_csv_removes_exactly_the_listed_ids(tmp_path):

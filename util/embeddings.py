@@ -7,7 +7,8 @@ Store (one file per video, see docs/DATA.md): ``<embedding_dir>/<video_id>.safet
 Files are written atomically (temporary file in the same folder, then ``os.replace``).
 
 The original release's layout is also read: one ``langbind_output.pt`` per segment holding
-``{'embedding': Tensor[D], 'start': int, 'end': int}``, listed by a ``segment_paths`` CSV column.
+``{'embedding': Tensor[D], 'start': int, 'end': int}``, listed by a ``segment_paths`` CSV column (read in
+the time order of the files' ``<start>-<end>`` folders).
 
 Dataset CSV: one row per video with ``video_id``, ``embedding_path`` (or ``segment_paths``),
 ``number_of_segments`` and, for labelled data, ``label`` and ``label_name``. Relative paths are
@@ -28,6 +29,7 @@ from safetensors import safe_open
 
 from util.errors import InputError
 from util.fileio import atomic_write
+from util.legacy import in_time_order
 
 EXTENSION = '.safetensors'
 
@@ -229,7 +231,7 @@ def read_csv(csv_path, label_required=False, allow_empty=False):
                 assert isinstance(paths, (list, tuple))
             except Exception:
                 raise EmbeddingError(f'{csv_path} row {i}: segment_paths is not a Python list literal') from None
-            source = [resolve(p) for p in paths]
+            source = in_time_order([resolve(p) for p in paths])
         else:
             raise EmbeddingError(f'{csv_path} row {i}: empty embedding_path')
         row = {'video_id': vid, 'row': i, 'source': source}
