@@ -392,6 +392,22 @@ def test_original_csv_listing_segments_in_text_order_reads_in_time_order(tmp_pat
         torch.testing.assert_close(v.read(1, 4), legacy[1:4])
 
 
+def test_legacy_segment_file_refused_or_misshapen_is_one_line(tmp_path):
+    """A segment file safe loading refuses (here a numpy scalar as 'start'; nothing from it runs), or
+    whose embedding is not one vector (it used to be flattened into a longer one): one line naming it."""
+    folder = tmp_path / 'v' / '0-5'
+    os.makedirs(folder)
+    torch.save({'embedding': torch.randn(D), 'start': np.int64(0), 'end': 5}, folder / 'langbind_output.pt')
+    with pytest.raises(EmbeddingError, match=r'0-5/langbind_output.pt: unreadable .*Unsupported global') as e:
+        load_row({'video_id': 'v', 'row': 1, 'source': [str(folder / 'langbind_output.pt')]})
+    assert '\n' not in str(e.value)
+    torch.save({'embedding': torch.randn(2, D), 'start': 0, 'end': 5}, folder / 'langbind_output.pt')
+    with pytest.raises(EmbeddingError, match=r'embedding of shape \(2, 8\), expected one vector'):
+        load_row({'video_id': 'v', 'row': 1, 'source': [str(folder / 'langbind_output.pt')]})
+    torch.save({'embedding': torch.randn(1, D), 'start': 0, 'end': 5}, folder / 'langbind_output.pt')
+    assert load_row({'video_id': 'v', 'row': 1, 'source': [str(folder / 'langbind_output.pt')]}).shape == (1, D)
+
+
 # ---------------------------------------------------------------- protocol and hardening
 
 def test_exclude_csv_removes_exactly_the_listed_ids(tmp_path):

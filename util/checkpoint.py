@@ -43,7 +43,7 @@ def load_checkpoint(path, trust=False):
     except IsADirectoryError:
         raise CheckpointError(f'{path}: is a folder, not a checkpoint file') from None
     except pickle.UnpicklingError as e:
-        what = _unpickling_reason(e)
+        what = load_error_reason(e)
         if not trust:
             if 'Unsupported global' in what:
                 raise CheckpointError(
@@ -61,9 +61,10 @@ def load_checkpoint(path, trust=False):
     return ckpt
 
 
-def _unpickling_reason(e):
-    """What weights-only loading refused, in one line (e.g. ``Unsupported global: GLOBAL
-    mymodule.MyClass``): what follows torch's ``WeightsUnpickler error:``, else the first line."""
+def load_error_reason(e):
+    """Why ``torch.load`` failed, in one line: what weights-only loading refused (e.g. ``Unsupported
+    global: GLOBAL mymodule.MyClass``, what follows torch's ``WeightsUnpickler error:``), else the
+    first line of the message."""
     text = str(e)
     if 'WeightsUnpickler error:' in text:
         rest = text.split('WeightsUnpickler error:', 1)[1].strip()

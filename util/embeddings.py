@@ -27,6 +27,7 @@ from safetensors.numpy import save
 from safetensors.torch import load_file
 from safetensors import safe_open
 
+from util.checkpoint import load_error_reason
 from util.errors import InputError
 from util.fileio import atomic_write
 from util.legacy import in_time_order
@@ -149,13 +150,17 @@ def load_legacy_segments(paths, input_size=None, with_times=False):
     for p in paths:
         try:
             d = torch.load(p, map_location='cpu', weights_only=True)
-            embs.append(torch.as_tensor(d['embedding']).float().reshape(-1))
+            emb = torch.as_tensor(d['embedding'])
+            if emb.squeeze().ndim != 1:
+                raise ValueError(f'embedding of shape {tuple(emb.shape)}, expected one vector [D]')
+            embs.append(emb.float().reshape(-1))
             starts.append(float(d.get('start', len(starts))))
             ends.append(float(d.get('end', len(ends) + 1)))
         except FileNotFoundError:
             raise EmbeddingError(f'{p}: segment embedding file not found') from None
         except Exception as e:  # unpickling errors, missing key, bad tensor
-            raise EmbeddingError(f'{p}: unreadable segment embedding file ({type(e).__name__}: {e})') from None
+            raise EmbeddingError(f'{p}: unreadable segment embedding file ({type(e).__name__}: '
+                                 f'{load_error_reason(e)})') from None
     if not embs:
         raise EmbeddingError('empty segment_paths list')
     try:
