@@ -206,6 +206,20 @@ def test_original_release_args_namespace_loads_safely(tmp_path):
     assert checkpoint_args(load_checkpoint(path)) == {'num_heads': 4, 'blr': 1e-3}
 
 
+def test_checkpoint_without_fixed_position_tables_loads_them_from_the_model(tmp_path):
+    """The sin-cos tables are not learned: a checkpoint that leaves out pos_embed or
+    decoder_pos_embed loads whole (pretraining resume, reconstruction) and computes the same."""
+    model = tiny()
+    sd = {k: v for k, v in model.state_dict().items() if k not in ('pos_embed', 'decoder_pos_embed')}
+    torch.nn.init.normal_(sd['cls_token'])
+    other = tiny()
+    load_model_state(other, sd, tmp_path / 'original.pth')
+    assert torch.equal(other.cls_token, sd['cls_token'])
+    assert torch.equal(other.pos_embed, model.pos_embed) and torch.equal(other.decoder_pos_embed, model.decoder_pos_embed)
+    with pytest.raises(CheckpointError, match='missing in checkpoint: cls_token'):
+        load_model_state(other, {k: v for k, v in sd.items() if k != 'cls_token'}, tmp_path / 'original.pth')
+
+
 # ---------------------------------------------------------------- loss reduction
 def unequal_masked_batch():
     """Videos of 4, 20 and 11 segments with 1, 12 and 3 masked tokens."""

@@ -96,16 +96,20 @@ def model_state(ckpt):
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
 
 
+FIXED_TABLES = ('pos_embed', 'decoder_pos_embed')   # sin-cos tables the model builds itself
+
+
 def load_model_state(model, state_dict, path, strict=True, ignore_prefixes=()):
     """Load ``state_dict`` into ``model``; shape mismatches and missing/unexpected names raise an
     error that lists the parameters and both shapes. Names starting with ``ignore_prefixes`` (for
-    example the decoder, when only the encoder is needed) are skipped on both sides."""
+    example the decoder, when only the encoder is needed) are skipped on both sides. A checkpoint
+    without the fixed position tables (``FIXED_TABLES``) keeps the model's own."""
     keep = lambda k: not any(k.startswith(p) for p in ignore_prefixes)
     own = {k: v for k, v in model.state_dict().items() if keep(k)}
     given = {k: v for k, v in state_dict.items() if keep(k)}
     shape = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
              for k, v in given.items() if k in own and v.shape != own[k].shape]
-    missing = sorted(set(own) - set(given))
+    missing = sorted(set(own) - set(given) - set(FIXED_TABLES))
     unexpected = sorted(set(given) - set(own))
     problems = []
     if shape:
