@@ -220,6 +220,20 @@ def test_checkpoint_without_fixed_position_tables_loads_them_from_the_model(tmp_
         load_model_state(other, {k: v for k, v in sd.items() if k != 'cls_token'}, tmp_path / 'original.pth')
 
 
+def test_bf16_checkpoint_resumes_in_the_original_release_fp16_scaler(tmp_path):
+    """Our checkpoints of runs without loss scaling (bf16, CPU) resume in the original release, whose
+    MAE-style resume loads ckpt['scaler'] into an fp16 GradScaler: an empty state is refused there."""
+    from util import misc
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(output_dir=str(tmp_path), resume='', no_auto_resume=False, start_epoch=0)
+    misc.save_model(args, 3, model, optimizer, torch.amp.GradScaler('cuda', enabled=False))
+    ckpt = torch.load(tmp_path / 'checkpoint-3.pth', weights_only=True)
+    torch.amp.GradScaler('cpu').load_state_dict(ckpt['scaler'])          # what the original release does
+    misc.resume(args, tiny(), torch.optim.AdamW(tiny().parameters()), torch.amp.GradScaler('cuda', enabled=False))
+    assert args.start_epoch == 4
+
+
 # ---------------------------------------------------------------- loss reduction
 def unequal_masked_batch():
     """Videos of 4, 20 and 11 segments with 1, 12 and 3 masked tokens."""

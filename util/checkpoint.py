@@ -27,6 +27,12 @@ def plain_args(args):
     return json.loads(json.dumps(d, default=str))
 
 
+def scaler_state(scaler):
+    """``scaler.state_dict()`` for a checkpoint; a disabled scaler (bf16 or CPU runs) stores a fresh
+    scaler's state instead of ``{}``, which the original release's resume (an fp16 GradScaler) refuses."""
+    return scaler.state_dict() or torch.amp.GradScaler('cpu').state_dict()
+
+
 def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 

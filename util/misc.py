@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from util.checkpoint import (CheckpointError, checkpoint_args, load_checkpoint, load_model_state, model_state,
-                             plain_args, save_checkpoint)
+                             plain_args, save_checkpoint, scaler_state)
 from util.errors import InputError
 from util.fileio import atomic_write_text
 
@@ -126,7 +126,7 @@ def save_model(args, epoch, model_without_ddp, optimizer, scaler):
     if is_main_process():
         path = os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')
         save_checkpoint(path, {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                               'epoch': epoch, 'scaler': scaler.state_dict(), 'args': plain_args(args)})
+                               'epoch': epoch, 'scaler': scaler_state(scaler), 'args': plain_args(args)})
         print(f'saved {path}')
     if is_dist():
         dist.barrier()
