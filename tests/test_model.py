@@ -234,6 +234,28 @@ def test_bf16_checkpoint_resumes_in_the_original_release_fp16_scaler(tmp_path):
     assert args.start_epoch == 4
 
 
+def test_optimizer_state_of_other_groups_or_order_is_an_error(tmp_path):
+    """An original-release checkpoint whose optimizer grouped or ordered the parameters otherwise: one
+    error naming the file, not a failure (or, for parameters of one shape, wrong moments) at the first step."""
+    from engine_pretrain import param_groups
+    from util import misc
+    x, n = batch([6, 4])
+    for name, groups in [('one_group', lambda m: m.parameters()),
+                         ('reversed', lambda m: [dict(g, params=g['params'][::-1]) for g in param_groups(m, 0.05)])]:
+        model = tiny()
+        optimizer = torch.optim.AdamW(groups(model))
+        model(x, n, 0.5)[0].backward()
+        optimizer.step()
+        path = tmp_path / f'{name}.pth'
+        torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 9,
+                    'args': argparse.Namespace(depth=2)}, path)
+        args = argparse.Namespace(output_dir=str(tmp_path), resume=str(path), no_auto_resume=True, start_epoch=0)
+        other = tiny()
+        with pytest.raises(CheckpointError, match=f'{name}.pth: the optimizer state does not fit the model'):
+            misc.resume(args, other, torch.optim.AdamW(param_groups(other, 0.05)),
+                        torch.amp.GradScaler('cuda', enabled=False))
+
+
 # ---------------------------------------------------------------- loss reduction
 def unequal_masked_batch():
     """Videos of 4, 20 and 11 segments with 1, 12 and 3 masked tokens."""

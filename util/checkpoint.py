@@ -130,6 +130,24 @@ def load_model_state(model, state_dict, path, strict=True, ignore_prefixes=()):
     model.load_state_dict(given, strict=False)
 
 
+def load_optimizer_state(optimizer, state, model, path):
+    """``optimizer.load_state_dict(state)``, checked: a state of other parameter groups, or whose
+    moments do not have the shapes of the parameters they are given to (the checkpoint's optimizer
+    listed its parameters in another order), is an error instead of a failure, or silently wrong
+    moments, at the first step."""
+    why = ('its parameter groups differ from this run\'s; a checkpoint without "optimizer" resumes the '
+           'weights alone')
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f'{path}: the optimizer state does not fit the model ({e}); {why}') from None
+    for name, p in model.named_parameters():
+        for k, v in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(v) and v.ndim and v.shape != p.shape:
+                raise CheckpointError(f'{path}: the optimizer state does not fit the model ({k} of shape '
+                                      f'{tuple(v.shape)} for {name} of shape {tuple(p.shape)}); {why}')
+
+
 # ---------------------------------------------------------------------------------------- architecture
 class ArchitectureError(InputError, ValueError, RuntimeError):
     """A flag contradicts the checkpoint's architecture, or the checkpoint does not fit the model

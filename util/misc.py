@@ -10,8 +10,8 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from util.checkpoint import (CheckpointError, checkpoint_args, load_checkpoint, load_model_state, model_state,
-                             plain_args, save_checkpoint, scaler_state)
+from util.checkpoint import (CheckpointError, checkpoint_args, load_checkpoint, load_model_state,
+                             load_optimizer_state, model_state, plain_args, save_checkpoint, scaler_state)
 from util.errors import InputError
 from util.fileio import atomic_write_text
 
@@ -175,7 +175,7 @@ def resume(args, model_without_ddp, optimizer, scaler, arch_keys=()):
     check_same_architecture(checkpoint_args(ckpt), args, path, arch_keys)
     load_model_state(model_without_ddp, model_state(ckpt), path)
     if 'optimizer' in ckpt and 'epoch' in ckpt:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        load_optimizer_state(optimizer, ckpt['optimizer'], model_without_ddp, path)
         if ckpt.get('scaler'):
             scaler.load_state_dict(ckpt['scaler'])
         args.start_epoch = ckpt['epoch'] + 1
