@@ -388,3 +388,14 @@ def test_folder_lock_on_a_file_system_without_locks(tmp_path, monkeypatch):
     lock.release()
     assert lock.fd is None
     lock.release()                                      # twice is harmless
+
+
+def test_atomic_write_flushes_the_data_before_the_rename(tmp_path, monkeypatch):
+    """A checkpoint's name never points at data still in the page cache: after a crash of the machine
+    the newest checkpoint (which auto-resume picks) could otherwise be empty."""
+    events, replace = [], os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append(('fsync', os.fstat(fd).st_size)))
+    monkeypatch.setattr(os, 'replace', lambda a, b: (events.append(('replace', os.path.getsize(a))), replace(a, b)))
+    save_checkpoint(tmp_path / 'checkpoint-1.pth', {'model': tiny().state_dict()})
+    size = os.path.getsize(tmp_path / 'checkpoint-1.pth')
+    assert events == [('fsync', size), ('replace', size)]

@@ -11,15 +11,18 @@ os.umask(_UMASK)
 
 
 def atomic_write(path, write_fn):
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file.
-    The temporary file sits in the same folder, named ``.<name>.<random>.tmp`` with ``<name>`` cut to
-    100 characters, so a long file name never makes it exceed the file system's name limit."""
+    """Call ``write_fn(tmp_path)``, flush the file to disk, then rename onto ``path``: readers never see
+    a partial file, also after a crash of the machine (without the flush a file system may show the new
+    name with no data). The temporary file sits in the same folder, named ``.<name>.<random>.tmp``
+    with ``<name>`` cut to 100 characters, so a long file name never makes it exceed the file
+    system's name limit."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(path), suffix='.tmp')
     try:
         _try_lock(fd)  # held while writing: remove_stale_temporaries leaves the file alone
         write_fn(tmp)
+        os.fsync(fd)    # the file's data, whichever descriptor wrote it
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
     except BaseException:
