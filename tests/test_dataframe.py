@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -406,6 +407,22 @@ def test_legacy_segment_file_refused_or_misshapen_is_one_line(tmp_path):
         load_row({'video_id': 'v', 'row': 1, 'source': [str(folder / 'langbind_output.pt')]})
     torch.save({'embedding': torch.randn(1, D), 'start': 0, 'end': 5}, folder / 'langbind_output.pt')
     assert load_row({'video_id': 'v', 'row': 1, 'source': [str(folder / 'langbind_output.pt')]}).shape == (1, D)
+
+
+def test_converter_names_gaps_and_removes_temporaries_of_a_killed_run(tmp_path, capsys):
+    legacy = make_legacy(tmp_path / 'legacy', {'g': 4, 'ok': 2})
+    shutil.rmtree(tmp_path / 'legacy' / 'g' / '5-10')              # a segment the original run lost
+    stale = tmp_path / 'E' / '.g.safetensors.x1y2.tmp'             # a conversion killed while writing
+    write(stale, 'half')
+    os.utime(stale, (0, 0))
+    conv = ['--legacy_root', str(tmp_path / 'legacy'), '--embedding_dir', str(tmp_path / 'E'), '--dtype', 'fp32']
+    assert convert_legacy.main(convert_legacy.get_args_parser().parse_args(conv)) == {}
+    out = capsys.readouterr().out
+    assert 'note: g: segments not back to back at 5 s -> 10 s' in out and '(1 with segments not back to back)' in out
+    assert 'note: ok' not in out and not stale.exists()
+    emb, starts, _ = load_video_embeddings(tmp_path / 'E' / 'g.safetensors', with_times=True)
+    assert starts.tolist() == [0, 10, 15]
+    torch.testing.assert_close(emb, legacy['g'][[0, 2, 3]] / 100)
 
 
 # ---------------------------------------------------------------- protocol and hardening

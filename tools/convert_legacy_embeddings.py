@@ -4,8 +4,10 @@ into the per-video store (<embedding_dir>/<video_id>.safetensors).
   python tools/convert_legacy_embeddings.py --legacy_root R --embedding_dir E [--dtype fp16|fp32]
 
 Videos already converted (store file loads and has as many segments) are skipped, so a rerun only does
-what is left; a video with an unreadable segment file is reported and skipped (exit status 1 when
-any was skipped; 2 for bad input such as a missing --legacy_root).
+what is left, and temporary files of a killed run are removed; a video with an unreadable segment file
+is reported and skipped (exit status 1 when any was skipped; 2 for bad input such as a missing
+--legacy_root). A video whose segments do not follow each other (a segment missing, or two of one
+window) is converted as found, with its times, and named in a note.
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ import numpy as np
 from util.embeddings import (EmbeddingError, embedding_path, load_legacy_segments, load_video_embeddings,
                              save_video_embeddings)
 from util.errors import run_main
+from util.fileio import remove_stale_temporaries
 from util.legacy import legacy_videos
 
 DTYPES = {'fp16': np.float16, 'fp32': np.float32}
@@ -41,7 +44,8 @@ def main(args):
     if not os.path.isdir(args.legacy_root):
         raise EmbeddingError(f'{args.legacy_root}: legacy folder not found')
     videos = legacy_videos(args.legacy_root)
-    converted, skipped, bad = 0, 0, {}
+    remove_stale_temporaries([embedding_path(args.embedding_dir, vid) for vid in videos])
+    converted, skipped, bad, gaps = 0, 0, {}, 0
     for vid, paths in videos.items():
         out = embedding_path(args.embedding_dir, vid)
         if os.path.isfile(out) and is_converted(out, len(paths)):
@@ -53,11 +57,17 @@ def main(args):
             bad[vid] = str(e)
             print(f'skipped {vid}: {e}')
             continue
+        breaks = [f'{e:g} s -> {s:g} s' for e, s in zip(ends[:-1].tolist(), starts[1:].tolist()) if abs(s - e) > 1e-6]
+        if breaks:
+            gaps += 1
+            print(f'note: {vid}: segments not back to back at {", ".join(breaks[:5])}{" ..." if len(breaks) > 5 else ""} '
+                  f'(a segment missing, or two of one window); converted as found')
         save_video_embeddings(out, emb, starts, ends, dtype=DTYPES[args.dtype],
                               metadata={'video_id': vid, 'source': 'legacy langbind_output.pt',
                                         'legacy_root': os.path.abspath(args.legacy_root)})
         converted += 1
-    print(f'{len(videos)} videos: {converted} converted, {skipped} already converted, {len(bad)} bad')
+    print(f'{len(videos)} videos: {converted} converted ({gaps} with segments not back to back), {skipped} '
+          f'already converted, {len(bad)} bad')
     return bad
 
 
