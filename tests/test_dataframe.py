@@ -423,6 +423,10 @@ def test_converter_names_gaps_and_removes_temporaries_of_a_killed_run(tmp_path, 
     emb, starts, _ = load_video_embeddings(tmp_path / 'E' / 'g.safetensors', with_times=True)
     assert starts.tolist() == [0, 10, 15]
     torch.testing.assert_close(emb, legacy['g'][[0, 2, 3]] / 100)
+    write(tmp_path / 'file', '')
+    conv[3] = str(tmp_path / 'file' / 'E')
+    with pytest.raises(EmbeddingError, match='file/E: cannot create the store folder'):
+        convert_legacy.main(convert_legacy.get_args_parser().parse_args(conv))
 
 
 # ---------------------------------------------------------------- protocol and hardening

@@ -43,6 +43,10 @@ def main(args):
     """Returns ``{video_id: reason}`` for the videos that could not be converted."""
     if not os.path.isdir(args.legacy_root):
         raise EmbeddingError(f'{args.legacy_root}: legacy folder not found')
+    try:
+        os.makedirs(args.embedding_dir, exist_ok=True)
+    except OSError as e:
+        raise EmbeddingError(f'{args.embedding_dir}: cannot create the store folder ({e.strerror or e})') from None
     videos = legacy_videos(args.legacy_root)
     remove_stale_temporaries([embedding_path(args.embedding_dir, vid) for vid in videos])
     converted, skipped, bad, gaps = 0, 0, {}, 0
@@ -62,9 +66,12 @@ def main(args):
             gaps += 1
             print(f'note: {vid}: segments not back to back at {", ".join(breaks[:5])}{" ..." if len(breaks) > 5 else ""} '
                   f'(a segment missing, or two of one window); converted as found')
-        save_video_embeddings(out, emb, starts, ends, dtype=DTYPES[args.dtype],
-                              metadata={'video_id': vid, 'source': 'legacy langbind_output.pt',
-                                        'legacy_root': os.path.abspath(args.legacy_root)})
+        try:
+            save_video_embeddings(out, emb, starts, ends, dtype=DTYPES[args.dtype],
+                                  metadata={'video_id': vid, 'source': 'legacy langbind_output.pt',
+                                            'legacy_root': os.path.abspath(args.legacy_root)})
+        except OSError as e:   # the folder is writable: a full disk or the like, which every video would meet
+            raise EmbeddingError(f'{out}: cannot write the store file ({e.strerror or e})') from None
         converted += 1
     print(f'{len(videos)} videos: {converted} converted ({gaps} with segments not back to back), {skipped} '
           f'already converted, {len(bad)} bad')
