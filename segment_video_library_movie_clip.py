@@ -73,7 +73,7 @@ def find_videos(video_dir, extensions, exclude_dir=None):
 
 def process_video(item, segment_sec, min_last_sec, reencode_dir=None):
     """Probe one video (and re-encode its segments): returns ``(segment rows, None)`` or
-    ``([], reason)``. Runs in a worker process."""
+    ``([], reason)`` (any error: one video never stops the others). Runs in a worker process."""
     vid, path = item
     try:
         info = probe_video(path)
@@ -86,6 +86,8 @@ def process_video(item, segment_sec, min_last_sec, reencode_dir=None):
             reencode_segments(path, windows, seg_paths)
     except VideoError as e:
         return [], str(e)
+    except Exception as e:  # noqa: BLE001 -- one video never stops the others (a name too long, a full disk)
+        return [], f'{type(e).__name__}: {e}'
     rows = [dict(video_id=vid, video_path=path, segment_index=k, start=s, end=e, num_frames=info.num_frames,
                  fps=info.fps, duration=info.duration, segment_path=p)
             for k, ((s, e), p) in enumerate(zip(windows, seg_paths))]

@@ -150,6 +150,19 @@ def test_out_dir_inside_video_dir_is_not_searched(tmp_path):
         assert [r['video_id'] for r in segments] == ['clip', 'clip'] and not bad
 
 
+def test_error_of_one_video_does_not_stop_the_others(tmp_path):
+    """A segment folder whose name the file system refuses (here a video id past 255 bytes) is that
+    video's failure, listed in bad_videos.csv; the other videos are written (it used to stop the run)."""
+    deep = tmp_path / 'v' / ('d' * 100) / ('d' * 100) / ('d' * 100)
+    deep.mkdir(parents=True)
+    write_video(deep / 'x.mp4', color_frames(3), fps=10)
+    write_video(tmp_path / 'v' / 'ok.mp4', color_frames(3), fps=10)
+    segments, bad = run_step1(tmp_path / 'v', tmp_path / 'out', '--reencode', '--num_workers', '2')
+    assert [r['video_id'] for r in segments] == ['ok']
+    assert len(bad) == 1 and bad[0]['video_path'] == str(deep / 'x.mp4') and 'OSError' in bad[0]['reason']
+    assert pd.read_csv(tmp_path / 'out' / 'bad_videos.csv')['video_path'].tolist() == [str(deep / 'x.mp4')]
+
+
 def _decode(path):
     with av.open(str(path)) as c:
         return [(f.key_frame, f.to_ndarray(format='rgb24')) for f in c.decode(video=0)]
