@@ -54,12 +54,20 @@ def video_id(path, video_dir):
 
 def find_videos(video_dir, extensions, exclude_dir=None):
     """``{video_id: absolute path}`` of every video under ``video_dir`` (skipping ``exclude_dir``).
-    Raises ``InputError`` listing every video id that two files would share."""
+    Links to folders are followed; a folder reached twice (two links, a link back up) is searched once,
+    under its first path in sorted order. Raises ``InputError`` listing every video id that two files
+    would share."""
     exts = {'.' + e.lower().lstrip('.') for e in extensions}
-    exclude = os.path.abspath(exclude_dir) if exclude_dir else None
+    seen = {os.path.realpath(p) for p in (video_dir, exclude_dir) if p}
     by_id = defaultdict(list)
-    for root, dirs, files in os.walk(video_dir):
-        dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(root, d)) != exclude]
+    for root, dirs, files in os.walk(video_dir, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         for name in files:
             if os.path.splitext(name)[1].lower() in exts:
                 path = os.path.abspath(os.path.join(root, name))

@@ -163,6 +163,21 @@ def test_error_of_one_video_does_not_stop_the_others(tmp_path):
     assert pd.read_csv(tmp_path / 'out' / 'bad_videos.csv')['video_path'].tolist() == [str(deep / 'x.mp4')]
 
 
+def test_linked_folders_are_searched_once(tmp_path):
+    """A folder linked into --video_dir (datasets often are) is searched; a link back up is no loop, and
+    a folder reached through two links gives its videos once."""
+    (tmp_path / 'v').mkdir()
+    (tmp_path / 'elsewhere').mkdir()
+    write_video(tmp_path / 'elsewhere' / 'clip.mp4', color_frames(3), fps=10)
+    write_video(tmp_path / 'v' / 'own.mp4', color_frames(3), fps=10)
+    os.symlink(tmp_path / 'elsewhere', tmp_path / 'v' / 'linked')
+    os.symlink(tmp_path / 'elsewhere', tmp_path / 'v' / 'linked_too')
+    os.symlink(tmp_path / 'v', tmp_path / 'elsewhere' / 'up')
+    videos = step1.find_videos(str(tmp_path / 'v'), ['mp4'])
+    v = tmp_path / 'v'
+    assert videos == {'linked-clip': str(v / 'linked' / 'clip.mp4'), 'own': str(v / 'own.mp4')}
+
+
 def _decode(path):
     with av.open(str(path)) as c:
         return [(f.key_frame, f.to_ndarray(format='rgb24')) for f in c.decode(video=0)]
