@@ -206,7 +206,23 @@ def read_jobs(path):
         raise InputError(f'job file {path} not found (write it with prepare_paired_paths.py)') from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise InputError(f'{path} is not a job file of prepare_paired_paths.py ({type(e).__name__}: {e})') from None
+    for n, job in enumerate(jobs, start=1):
+        bad = bad_segment(job['segments'])
+        if bad:  # a job without segments would never be written nor reported
+            raise InputError(f'{path} job {n} (video {job["video_id"]}): {bad}')
     return spec, jobs
+
+
+def bad_segment(segments):
+    """Why ``segments`` (of a job) cannot be embedded, or None: a non-empty list of windows with
+    numbers ``start < end``."""
+    if not isinstance(segments, list) or not segments:
+        return 'no segments'
+    for k, s in enumerate(segments):
+        times = [s.get(key) if isinstance(s, dict) else None for key in ('start', 'end')]
+        if not all(type(t) in (int, float) for t in times) or not times[0] < times[1]:
+            return f'segment {k} is not a window with numbers start < end: {s!r}'
+    return None
 
 
 def csv_text(failures):

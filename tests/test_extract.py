@@ -387,6 +387,21 @@ def test_strict_exit_status(library, tmp_path):
     assert json.loads(end.read_text())['failed'] == 1 and (tmp_path / 'emb' / 'c.safetensors').is_file()
 
 
+@pytest.mark.parametrize('segments, message', [
+    ([], 'no segments'),                                         # used to be neither written nor reported
+    ([dict(index=0, end=3.0)], 'segment 0 is not a window'),     # used to fail as "KeyError: 'start'"
+    ([dict(index=0, start=0.0, end=3.0), dict(index=1, start=3.0, end=float('nan'))], 'segment 1 is not a window'),
+    ([dict(index=0, start='0', end=3.0)], 'segment 0 is not a window')])
+def test_job_file_edited_by_hand_is_checked(library, tmp_path, segments, message):
+    jobs = one_job_file(tmp_path / 'jobs.json', tmp_path / 'emb', [('c', library / 'c.mp4', windows(3.0))] * 2)
+    spec = json.loads(jobs.read_text())
+    spec['jobs'][1]['segments'] = segments
+    jobs.write_text(json.dumps(spec))
+    with pytest.raises(InputError, match=re.escape(f'jobs.json job 2 (video c): {message}')):
+        run(jobs, '--num_workers', '0')
+    assert not (tmp_path / 'emb').exists()
+
+
 def write_vfr(path, segments, fps=10, size=(64, 48)):
     """A variable-frame-rate mp4: frames at ``fps`` during each ``(start, end)`` of ``segments`` only."""
     from fractions import Fraction
