@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from util.embeddings import EmbeddingError, is_complete, same_encoder, save_video_embeddings, store_encoder
+from util.embeddings import (EmbeddingError, encoder_name, is_complete, same_encoder, save_video_embeddings,
+                             store_encoder)
 from util.errors import InputError, run_main
 from util.fileio import atomic_write_text, remove_stale_temporaries
 from util.frames import NUM_FRAMES, SIZE, DecodeError, decode_segments, transform
@@ -256,15 +257,26 @@ def foreign_store_files(jobs, model_name, random_init):
     return found
 
 
-def check_encoder(jobs, model_name, random_init, overwrite, log):
+def check_encoder(jobs, model_name, random_init, overwrite, log, complete=()):
     """Stop (or, with ``overwrite``, only say) when store files of these jobs hold another encoder's
-    embeddings: one store must not mix encoders."""
+    embeddings: one store must not mix encoders. ``complete``: the encoders of the complete files step 2
+    left out of the job file (its ``complete_encoders``); another one among them always stops the run,
+    as ``overwrite`` cannot re-embed videos that are not in the job file (files without ``model``
+    metadata, converted from the original release, are not compared, as in step 4)."""
+    mine = encoder_name(model_name, '1' if random_init else '0')
+    others = [e for e in complete if e['model'] is not None and not (
+        same_encoder(e['model'], model_name) and e['random_init'] == ('1' if random_init else '0'))]
+    if others:
+        raise InputError(f'{sum(e["files"] for e in others)} complete store file(s) that step 2 left out of '
+                         f'this job file were written by another encoder: {others[0]["example"]} holds '
+                         f'{encoder_name(others[0]["model"], others[0]["random_init"])}, this run uses {mine}. '
+                         f'Move them away and rerun step 2 (their videos then become jobs), or write to '
+                         f'another --embedding_dir')
     foreign = foreign_store_files(jobs, model_name, random_init)
     if not foreign:
         return
     job, model, rand = foreign[0]
-    theirs = f'{model or "an unknown encoder"}' + (' (random weights)' if rand == '1' else '')
-    mine = model_name + (' (random weights)' if random_init else '')
+    theirs = encoder_name(model, rand)
     if overwrite:
         log(f'--overwrite: re-embedding {len(foreign)} video(s) whose store file holds another encoder '
             f'(e.g. {job["output_path"]}: {theirs})')
@@ -323,7 +335,7 @@ def main(args):
     spec, all_jobs = read_jobs(args.video_path_file)
     share = all_jobs[rank::world]
     model_name = f'random_init:{args.random_init}' if args.random_init else args.model_path
-    check_encoder(share, model_name, args.random_init, args.overwrite, log)
+    check_encoder(share, model_name, args.random_init, args.overwrite, log, spec.get('complete_encoders', []))
     jobs = [j for j in share if not is_complete(j['output_path'], j['segments'], model_name, args.random_init)]
     skipped = len(share) - len(jobs)
     remove_stale_temporaries([j['output_path'] for j in jobs])

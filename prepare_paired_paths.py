@@ -13,11 +13,10 @@ import heapq
 import json
 import math
 import os
-from collections import Counter
 
 import pandas as pd
 
-from util.embeddings import EmbeddingError, embedding_path, is_complete, store_encoder
+from util.embeddings import EmbeddingError, embedding_path, encoder_name, is_complete, store_encoder
 from util.errors import InputError, run_main
 from util.fileio import atomic_write_text
 
@@ -103,15 +102,15 @@ def segment_length(jobs):
 
 
 def encoders(paths):
-    """How many of the store files ``paths`` each encoder wrote: ``{"<model>[ (random weights)]": n}``."""
-    found = Counter()
+    """The encoders that wrote the store files ``paths``: ``[{model, random_init, files, example}]``
+    (their metadata, ``None`` where missing; how many files; one of them)."""
+    found = {}
     for p in paths:
         try:
-            model, rand = store_encoder(p)
+            found.setdefault(store_encoder(p), []).append(p)
         except EmbeddingError:
             continue
-        found[f'{model or "unknown encoder"}' + (' (random weights)' if rand == '1' else '')] += 1
-    return dict(found)
+    return [dict(model=m, random_init=r, files=len(ps), example=ps[0]) for (m, r), ps in found.items()]
 
 
 def main(args):
@@ -121,7 +120,9 @@ def main(args):
     embedding_dir = os.path.abspath(args.embedding_dir)
     for job in jobs:
         job['output_path'] = embedding_path(embedding_dir, job['video_id'])
-    todo = [j for j in jobs if not is_complete(j['output_path'], j['segments'])]
+    complete = [is_complete(j['output_path'], j['segments']) for j in jobs]
+    todo = [j for j, c in zip(jobs, complete) if not c]
+    done = encoders([j['output_path'] for j, c in zip(jobs, complete) if c])
 
     out_json = args.out_json or os.path.join(os.path.dirname(os.path.abspath(args.segments_csv)),
                                              'paired_paths.json')
@@ -131,18 +132,19 @@ def main(args):
         stem = os.path.splitext(out_json)[0]
         files = [(f'{stem}_{k}of{args.num_shards}.json', shard)
                  for k, shard in enumerate(shard_jobs(todo, args.num_shards))]
-    header = {'version': 1, 'segment_sec': segment_length(jobs), 'embedding_dir': embedding_dir}
+    # the encoders of the complete files left out: step 3 refuses to add another encoder's files to them
+    header = {'version': 1, 'segment_sec': segment_length(jobs), 'embedding_dir': embedding_dir,
+              'complete_encoders': done}
     for path, shard in files:
         try:
             atomic_write_text(path, json.dumps(dict(header, jobs=shard), indent=1))
         except OSError as e:
             raise InputError(f'{path}: cannot write the job file ({e.strerror or e})') from None
         print(f'{path}: {len(shard)} videos, {sum(len(j["segments"]) for j in shard)} segments')
-    done = [j['output_path'] for j in jobs if j not in todo]
-    print(f'{len(jobs)} videos in {args.segments_csv}: {len(done)} already complete in '
+    print(f'{len(jobs)} videos in {args.segments_csv}: {len(jobs) - len(todo)} already complete in '
           f'{embedding_dir} (left out), {len(todo)} to do')
-    if done:  # step 3 refuses to add another encoder's files to these; step 4 refuses a mix
-        print(f'  complete files by encoder: {encoders(done)}')
+    for e in done:
+        print(f'  {e["files"]} complete file(s) by {encoder_name(e["model"], e["random_init"])}')
     return files
 
 

@@ -351,6 +351,35 @@ def test_store_of_another_encoder_is_refused_or_overwritten(library, tmp_path):
     assert run(jobs, '--num_workers', '0')['already_complete'] == 1  # same encoder: complete, kept
 
 
+def test_complete_files_of_another_encoder_left_out_by_step2_are_refused(library, tmp_path, capsys):
+    """Step 2 leaves complete files out of the job file, so step 3 never saw them and added its own
+    encoder's files to another encoder's store; the job file now names their encoders, and step 3 stops
+    (also with --overwrite, which cannot re-embed videos that are not jobs). Files without `model`
+    metadata (converted legacy files) are not compared, as in step 4."""
+    import prepare_paired_paths as step2
+    emb = tmp_path / 'emb'
+    csv = tmp_path / 'segments_metadata.csv'
+    pd.DataFrame([dict(video_id=v, video_path=str(library / VIDEOS[v][3]), segment_index=k, start=s, end=e,
+                       num_frames=0, fps=10.0, duration=VIDEOS[v][0], segment_path='')
+                  for v in ('a', 'c') for k, (s, e) in enumerate(windows(VIDEOS[v][0]))]).to_csv(csv, index=False)
+    other = {'model': 'checkpoints/LanguageBind_Video_FT', 'random_init': '0'}
+    for meta in ({}, other):
+        save_video_embeddings(str(emb / 'a.safetensors'), torch.ones(3, 64), *zip(*windows(12.3)), meta)
+        step2.main(step2.get_args_parser().parse_args(['--segments_csv', str(csv), '--embedding_dir', str(emb)]))
+        assert [j['video_id'] for j in json.loads((tmp_path / 'paired_paths.json').read_text())['jobs']] == ['c']
+        if meta:
+            assert '1 complete file(s) by checkpoints/LanguageBind_Video_FT' in capsys.readouterr().out
+            for extra in ([], ['--overwrite']):
+                with pytest.raises(InputError, match=r'1 complete store file\(s\) that step 2 left out .*'
+                                                     r'a.safetensors holds checkpoints/LanguageBind_Video_FT, '
+                                                     r'this run uses random_init:tiny \(random weights\)'):
+                    run(tmp_path / 'paired_paths.json', '--num_workers', '0', *extra)
+            assert not (emb / 'c.safetensors').exists()
+        else:
+            assert run(tmp_path / 'paired_paths.json', '--num_workers', '0')['written'] == 1
+            os.remove(emb / 'c.safetensors')
+
+
 @pytest.mark.slow
 def test_long_names_and_unwritable_outputs_do_not_stop_the_others(library, tmp_path):
     """A legal 240-character file name goes through steps 1 to 3; a video whose store file cannot be

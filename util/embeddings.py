@@ -84,6 +84,11 @@ def same_encoder(recorded, model):
     return name(recorded) == name(model)
 
 
+def encoder_name(model, random_init):
+    """An encoder as messages name it: its ``model`` metadata, ``(random weights)`` when ``random_init``."""
+    return f'{model or "an unknown encoder"}' + (' (random weights)' if random_init in (True, '1') else '')
+
+
 def store_encoder(path):
     """``(model, random_init)`` from a store file's metadata (``None`` where a key is missing);
     raises ``EmbeddingError`` for an unreadable file."""
