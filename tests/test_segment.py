@@ -133,6 +133,21 @@ def test_truncated_with_index_first(tmp_path):
         probe_video(str(path))
 
 
+def test_metadata_that_is_not_utf8(tmp_path):
+    """A title tag in Latin-1 (old AVI and Matroska files) does not make the video unreadable."""
+    path = tmp_path / 'v' / 'latin.mkv'
+    path.parent.mkdir()
+    write_video(path, color_frames(3), fps=10)
+    with av.open(str(path)) as c:
+        tags = c.metadata
+    data = path.read_bytes()
+    i = data.rindex(tags['ENCODER'].encode())  # the tag, not the header's muxing application
+    path.write_bytes(data[:i] + b'caf\xe9' + data[i + 4:])  # the tag's first 4 bytes, same length
+    segments, bad = run_step1(path.parent, tmp_path / 'out', '--reencode', '--num_workers', '0')
+    assert not bad and [(r['start'], r['end']) for r in segments] == [(0.0, 3.0)]
+    assert len(_decode(segments[0]['segment_path'])) == 30
+
+
 def test_video_id_collision(tmp_path):
     (tmp_path / 'v').mkdir()
     for name in ('a.mp4', 'a.mkv'):

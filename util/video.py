@@ -39,7 +39,7 @@ def probe_video(path):
     if os.path.getsize(path) == 0:
         raise VideoError('empty file (0 bytes)')
     try:
-        container = av.open(path)
+        container = av.open(path, metadata_errors='replace')  # tags that are not UTF-8 (old AVI, MKV titles)
     except av.FFmpegError as e:
         raise VideoError(f'not a readable video: corrupt, truncated or not a video format '
                          f'(FFmpeg: {e.strerror or e})') from None
@@ -146,7 +146,7 @@ def reencode_segments(path, windows, out_paths, codec='libx264'):
         return counts
     starts = [s for s, _ in windows]
     try:
-        with av.open(path) as container:
+        with av.open(path, metadata_errors='replace') as container:
             stream = container.streams.video[0]
             stream.thread_type = 'AUTO'
             rate = stream.average_rate or stream.guessed_rate
