@@ -19,7 +19,7 @@ from util import frames
 from util.frames import decode_segments, frame_indices, transform
 from models_langbind import VideoConfig, VideoEncoder
 from util.langbind import RANDOM_CONFIGS, checkpoint_key, import_languagebind, load_encoder, package_model
-from util.synthetic import color_frames, moving_texture_frames, rotate_in_header, write_video
+from util.synthetic import color_frames, cut_with_edit_list, moving_texture_frames, rotate_in_header, write_video
 
 # video id -> (seconds, fps, (width, height), file name); windows of 5 s as step 1 cuts them
 VIDEOS = {
@@ -1011,6 +1011,28 @@ def test_nal_scan_of_malformed_packets_and_records():
            + b''.join(len(s).to_bytes(2, 'big') + s for s in pps) + b'\xfd\xf8\xf8\x00')
     assert frames._extradata_parameter_sets(SimpleNamespace(name='h264', extradata=rec)) == set(sps + pps)
     assert frames._extradata_parameter_sets(SimpleNamespace(name='h264', extradata=rec[:-6])) is None
+
+
+def test_edit_list_start_as_a_player_shows_it(tmp_path):
+    """An mp4 cut without re-encoding (``ffmpeg -ss 1.3 -c copy``: an edit list hides the frames from the
+    key frame before 1.3 s): step 1 counts and times only the frames a player shows, and step 3's
+    windows start at the first of them and sample them alone."""
+    import av
+    from util.video import probe_video, segment_windows
+    src, path = tmp_path / 'src.mp4', str(tmp_path / 'cut.mp4')
+    write_video(src, (np.full((48, 64, 3), 3 * i, np.uint8) for i in range(80)), fps=10, gop=40)
+    cut_with_edit_list(src, path, 1.3)
+    with av.open(path) as c:
+        shown = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]
+    info = probe_video(path)
+    assert (info.num_frames, info.duration) == (len(shown), 6.7) and len(shown) == 67
+    wins = segment_windows(info.duration)
+    starts = [0, 50]  # the windows [0, 5) and [5, 6.7) hold shown frames 0-49 and 50-66
+    for threads in (1, 2):
+        ours = list(decode_segments(path, wins, threads=threads, raw=True))
+        assert [k for k, _ in ours] == [0, 1]
+        for (k, x), a, b in zip(ours, starts, starts[1:] + [len(shown)]):
+            assert np.array_equal(x.numpy(), np.stack([shown[a + i] for i in frame_indices(b - a)]))
 
 
 def test_vp9_and_av1_key_frames():

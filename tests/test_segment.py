@@ -134,7 +134,9 @@ def test_truncated_with_index_first(tmp_path):
 
 
 def test_metadata_that_is_not_utf8(tmp_path):
-    """A title tag in Latin-1 (old AVI and Matroska files) does not make the video unreadable."""
+    """A title tag in Latin-1 (old AVI and Matroska files) does not make the video unreadable, in step 1
+    nor in step 3."""
+    from util.frames import decode_segments
     path = tmp_path / 'v' / 'latin.mkv'
     path.parent.mkdir()
     write_video(path, color_frames(3), fps=10)
@@ -146,6 +148,7 @@ def test_metadata_that_is_not_utf8(tmp_path):
     segments, bad = run_step1(path.parent, tmp_path / 'out', '--reencode', '--num_workers', '0')
     assert not bad and [(r['start'], r['end']) for r in segments] == [(0.0, 3.0)]
     assert len(_decode(segments[0]['segment_path'])) == 30
+    assert [k for k, _ in decode_segments(str(path), [(0.0, 3.0)])] == [0]
 
 
 def test_video_id_collision(tmp_path):

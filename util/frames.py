@@ -3,7 +3,8 @@
 Frame choice (as LanguageBind's decord path, ``np.linspace(0, n - 1, 8, dtype=int)``): the 8 frames
 spread evenly from the first to the last frame of a segment. A segment of a long video is a time
 window ``[start, end)``; its frames are those whose presentation time, counted from the video's
-first frame, lies in the window (the rule step 1 uses to cut ``--reencode`` files). A segment file
+first frame, lies in the window (the rule step 1 uses to cut ``--reencode`` files); frames an mp4's
+edit list hides (a file cut without re-encoding) are decoded for reference only. A segment file
 is a window holding all of its frames.
 
 Each video is read twice: its packets (no decoding) to learn every frame's timestamp, then one
@@ -244,18 +245,19 @@ def _random_access(container, codec):
 
 
 def _frame_keys(container, stream, rate):
-    """Keys of all frames in presentation order, their times (s from the first frame), the time the
-    last frame ends (its time plus its duration), whether the keys are timestamps (else decode
-    positions, for containers without timestamps), the timestamps of the pictures decoding may start
+    """Keys of all frames shown (not those an edit list hides) in presentation order, their times (s
+    from the first frame), the time the last frame ends (its time plus its duration), whether the keys
+    are timestamps (else decode positions, for containers without timestamps), the timestamps of the pictures decoding may start
     at (in MP4 or Matroska: H.264 / HEVC IDR pictures, HEVC CRA too, VP9 / AV1 key frames; else none)
     and the reorder depth the timestamps need."""
     pts, end, idr = [], None, []
     scan = _random_access(container, stream.codec_context)
     for p in container.demux(stream):
         if p.size:
-            pts.append(p.pts)
-            if p.pts is not None and p.duration:
-                end = p.pts + p.duration if end is None else max(end, p.pts + p.duration)
+            if not p.is_discard:  # (an edit list's frames before its start: decoded, never shown)
+                pts.append(p.pts)
+                if p.pts is not None and p.duration:
+                    end = p.pts + p.duration if end is None else max(end, p.pts + p.duration)
             if scan is not None:
                 is_idr, known = scan(memoryview(p))
                 if not known:  # parameter sets sent in the stream: no parts
@@ -394,7 +396,7 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
 
     def run(start, keys):  # the part's frames, or None if it is not decoded cleanly
         if not hasattr(local, 'container'):
-            local.container = av.open(path)
+            local.container = av.open(path, metadata_errors='replace')
             local.container.streams.video[0].codec_context.thread_count = 1
             opened.append(local.container)
         own = local.container
@@ -465,7 +467,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         return f'{path}: segment {k} [{windows[k][0]:g}-{windows[k][1]:g} s]' if windows else path
 
     try:
-        container = av.open(path)
+        container = av.open(path, metadata_errors='replace')  # tags that are not UTF-8 (old AVI, MKV titles)
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f'{path}: cannot open ({e})') from None
     with container:

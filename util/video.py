@@ -59,11 +59,12 @@ def _probe(container):
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue
-            n += 1
             t = packet.pts if packet.pts is not None else packet.dts
-            if t is not None:
-                first = t if first is None else min(first, t)
-                end = max(end or t, t + (packet.duration or frame_ticks))
+            if not packet.is_discard:  # (an edit list's frames before its start: decoded, never shown)
+                n += 1
+                if t is not None:
+                    first = t if first is None else min(first, t)
+                    end = max(end or t, t + (packet.duration or frame_ticks))
             if not decoded:
                 decoded = bool(packet.decode())
         if not decoded and n:
