@@ -55,8 +55,9 @@ def video_id(path, video_dir):
 def find_videos(video_dir, extensions, exclude_dir=None):
     """``{video_id: absolute path}`` of every video under ``video_dir`` (skipping ``exclude_dir``).
     Links to folders are followed; a folder reached twice (two links, a link back up) is searched once,
-    under its first path in sorted order. Raises ``InputError`` listing every video id that two files
-    would share."""
+    under its first path in sorted order. Hidden files and folders (names starting with '.': macOS's
+    ``._<name>`` companions of copied files, a ``.Trash-1000`` folder) are skipped. Raises
+    ``InputError`` listing every video id that two files would share."""
     exts = {'.' + e.lower().lstrip('.') for e in extensions}
     seen = {os.path.realpath(p) for p in (video_dir, exclude_dir) if p}
     by_id = defaultdict(list)
@@ -64,12 +65,12 @@ def find_videos(video_dir, extensions, exclude_dir=None):
         keep = []
         for d in sorted(dirs):
             real = os.path.realpath(os.path.join(root, d))
-            if real not in seen:
+            if real not in seen and not d.startswith('.'):
                 seen.add(real)
                 keep.append(d)
         dirs[:] = keep
         for name in files:
-            if os.path.splitext(name)[1].lower() in exts:
+            if os.path.splitext(name)[1].lower() in exts and not name.startswith('.'):
                 path = os.path.abspath(os.path.join(root, name))
                 by_id[video_id(path, os.path.abspath(video_dir))].append(path)
     clashes = {vid: paths for vid, paths in by_id.items() if len(paths) > 1}

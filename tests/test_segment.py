@@ -196,6 +196,17 @@ def test_linked_folders_are_searched_once(tmp_path):
     assert videos == {'linked-clip': str(v / 'linked' / 'clip.mp4'), 'own': str(v / 'own.mp4')}
 
 
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    """macOS's ``._<name>`` companions of copied files and hidden folders (a trash) are not videos of the
+    dataset."""
+    v = tmp_path / 'v'
+    (v / '.Trash-1000').mkdir(parents=True)
+    write_video(v / 'clip.mp4', color_frames(3), fps=10)
+    write_video(v / '.Trash-1000' / 'old.mp4', color_frames(3), fps=10)
+    (v / '._clip.mp4').write_bytes(b'\x00\x05\x16\x07' + bytes(60))  # AppleDouble header, not a video
+    assert step1.find_videos(str(v), ['mp4']) == {'clip': str(v / 'clip.mp4')}
+
+
 def _decode(path):
     with av.open(str(path)) as c:
         return [(f.key_frame, f.to_ndarray(format='rgb24')) for f in c.decode(video=0)]
