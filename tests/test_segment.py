@@ -318,17 +318,28 @@ def test_malformed_segments_csv(tmp_path, edit, message):
     assert str(csv) in str(e.value)
 
 
-def _with_audio(path, video_sec, audio_sec, fps=10):
-    """A video whose first stream is audio (silence), which may run longer than the video."""
+def _with_audio(path, video_sec, audio_sec, fps=10, cover=False):
+    """A video whose first stream is audio (silence), which may run longer than the video; ``cover``: a
+    cover picture (one-frame video stream) before the video stream; ``video_sec`` 0: no video."""
     with av.open(str(path), 'w') as c:
         audio = c.add_stream('aac', rate=16000)
-        video = c.add_stream('libx264', rate=fps)
-        video.width, video.height, video.pix_fmt = 64, 48, 'yuv420p'
-        for f in color_frames(video_sec, fps=fps):
-            for p in video.encode(av.VideoFrame.from_ndarray(f, format='rgb24')):
+        if cover:
+            art = c.add_stream('mjpeg')
+            art.width, art.height, art.pix_fmt = 32, 32, 'yuvj420p'
+            art.disposition = av.stream.Disposition.attached_pic
+        if video_sec:
+            video = c.add_stream('libx264', rate=fps)
+            video.width, video.height, video.pix_fmt = 64, 48, 'yuv420p'
+        if cover:
+            for p in [*art.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format='rgb24')),
+                      *art.encode()]:
                 c.mux(p)
-        for p in video.encode():
-            c.mux(p)
+        if video_sec:
+            for f in color_frames(video_sec, fps=fps):
+                for p in video.encode(av.VideoFrame.from_ndarray(f, format='rgb24')):
+                    c.mux(p)
+            for p in video.encode():
+                c.mux(p)
         for k in range(0, int(audio_sec * 16000), 1024):
             frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format='fltp', layout='mono')
             frame.sample_rate, frame.pts = 16000, k
@@ -350,6 +361,20 @@ def test_audio_stream_first_and_longer_than_video(tmp_path):
     (tmp_path / 'b.mkv').write_bytes(data[:len(data) // 2])
     with pytest.raises(VideoError, match='truncated'):
         probe_video(str(tmp_path / 'b.mkv'))
+
+
+def test_cover_picture_is_not_the_video(tmp_path):
+    """A cover picture (FFmpeg lists it as a one-frame video stream) is never taken for the video: before
+    the video stream it is passed over (steps 1 and 3); an audio file with one has no video stream."""
+    from util.frames import decode_segments
+    _with_audio(tmp_path / 'a.mp4', 8, 8, cover=True)
+    info = probe_video(str(tmp_path / 'a.mp4'))
+    assert (info.num_frames, info.duration, info.width) == (80, pytest.approx(8.0), 64)
+    assert [x.shape for _, x in decode_segments(str(tmp_path / 'a.mp4'), [(0.0, 5.0), (5.0, 8.0)], raw=True)] \
+        == [(8, 48, 64, 3)] * 2
+    _with_audio(tmp_path / 'song.mp4', 0, 3, cover=True)
+    with pytest.raises(VideoError, match='no video stream'):
+        probe_video(str(tmp_path / 'song.mp4'))
 
 
 def test_avi_with_dropped_frames_is_not_truncated(tmp_path):

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from util.errors import InputError
+from util.video import video_stream
 
 NUM_FRAMES = 8
 SIZE = 224
@@ -397,20 +398,21 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
     def run(start, keys):  # the part's frames, or None if it is not decoded cleanly
         if not hasattr(local, 'container'):
             local.container = av.open(path, metadata_errors='replace')
-            local.container.streams.video[0].codec_context.thread_count = 1
+            local.stream = local.container.streams[stream.index]
+            local.stream.codec_context.thread_count = 1
             opened.append(local.container)
-        own = local.container
+        own, own_stream = local.container, local.stream
         n = [0, False]
         try:
             if start is not None:
                 try:
-                    own.seek(start, stream=own.streams.video[0], backward=True, any_frame=False)
-                    out = list(_sampled(own, own.streams.video[0], keys, need, True, n, start))
+                    own.seek(start, stream=own_stream, backward=True, any_frame=False)
+                    out = list(_sampled(own, own_stream, keys, need, True, n, start))
                 except _SeekMissed:
                     start = None  # this part from the file's start instead: slower, the same frames
             if start is None:
                 own.seek(0)
-                out = list(_sampled(own, own.streams.video[0], keys, need, True, n))
+                out = list(_sampled(own, own_stream, keys, need, True, n))
         except (av.FFmpegError, IndexError):
             return None, n[0]
         return (None if n[1] or sum(len(k) for k, _ in out) < len(keys) else out), n[0]
@@ -471,9 +473,9 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f'{path}: cannot open ({e})') from None
     with container:
-        if not container.streams.video:
+        stream = video_stream(container)
+        if stream is None:
             raise DecodeError(f'{path}: no video stream')
-        stream = container.streams.video[0]
         stream.codec_context.thread_count = 1  # not FFmpeg's default (slice threads, as many as cores)
         try:
             rate = float(stream.average_rate or stream.guessed_rate or 25)

@@ -20,6 +20,12 @@ class VideoError(InputError, ValueError):
     """A file that is not a usable video; the message says why (step 1 reports it in bad_videos.csv)."""
 
 
+def video_stream(container):
+    """The container's first video stream that is not a cover picture (an audio file's artwork, which
+    FFmpeg lists as a one-frame video stream), or None."""
+    return next((s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic), None)
+
+
 @dataclass
 class VideoInfo:
     num_frames: int
@@ -48,9 +54,9 @@ def probe_video(path):
 
 
 def _probe(container):
-    if not container.streams.video:
+    stream = video_stream(container)
+    if stream is None:
         raise VideoError('no video stream')
-    stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate
     tb = stream.time_base
     frame_ticks = round(1 / (rate * tb)) if rate and tb else 0
@@ -148,7 +154,7 @@ def reencode_segments(path, windows, out_paths, codec='libx264'):
     starts = [s for s, _ in windows]
     try:
         with av.open(path, metadata_errors='replace') as container:
-            stream = container.streams.video[0]
+            stream = video_stream(container)
             stream.thread_type = 'AUTO'
             rate = stream.average_rate or stream.guessed_rate
             tb = stream.time_base
