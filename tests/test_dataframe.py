@@ -15,6 +15,7 @@ import torch
 
 import segment_dataframe_movie_clip as sdf
 from util.embeddings import EmbeddingError, load_row, load_video_embeddings, read_csv, save_video_embeddings
+from util.annotations import read_lvu_split
 from util.tasks import LIKE_RATIO_OFFSET, VIEW_COUNT_OFFSET, get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,6 +149,18 @@ def test_lvu_malformed_line_names_file_and_line(lvu, task, line, problem):
     with pytest.raises(sdf.AnnotationError, match=problem) as e:
         sdf.main(args('--dataset', 'lvu', '--annotation_dir', ann, '--embedding_dir', store, '--out_dir', out))
     assert f'{path} line {n}:' in str(e.value)
+
+
+def test_lvu_file_without_its_header_keeps_its_first_row(tmp_path):
+    """A split file saved without its header line: the first row (last field an IMDb id) is data, not
+    dropped as the header; with the header, the header alone is skipped."""
+    rows = '0 friend abc tt0088128\n1 wife def tt0000002\n'
+    write(tmp_path / 'a.csv', rows)
+    write(tmp_path / 'b.csv', 'class_id class_name youtube_id imdb_id\n' + rows)
+    for name in ('a.csv', 'b.csv'):
+        got = read_lvu_split(str(tmp_path / name), 'relationship')
+        assert [(r.video_id, r.label) for r in got] == [('abc', 0), ('def', 1)]
+    assert got[0].where.endswith('b.csv line 2')
 
 
 def test_cli_reports_error_without_traceback(lvu):

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -66,11 +67,14 @@ def lvu_label(task, fields):
 
 def read_lvu_split(path, task):
     """One LVU split file: space-separated, one header line, youtube id = ``line.split()[-2]``.
-    Classification lines are ``class_id class_name youtube_id imdb_id`` (the name may hold spaces)."""
+    Classification lines are ``class_id class_name youtube_id imdb_id`` (the name may hold spaces). A
+    first line that is a data row (its last field an IMDb id, ``tt<digits>``: a file saved without its
+    header) is read as one, not dropped as the header."""
     rows = []
     lines = read_text(path).splitlines()
     expected = {'like_ratio': 4, 'view_count': 3}.get(task)
-    for n, line in enumerate(lines[1:], start=2):
+    first = 0 if lines and re.fullmatch(r'tt\d+', (lines[0].split() or [''])[-1]) else 1
+    for n, line in enumerate(lines[first:], start=first + 1):
         fields = line.split()
         if not fields:
             continue
