@@ -14,14 +14,15 @@ segment samples: about half the frames of an H.264 file with libx264's defaults.
 are always decoded, so the frames kept are bit for bit those of a full decode. H.264 and HEVC in MP4
 or Matroska are cut at their IDR pictures (HEVC: also CRA; where decoding may start without changing
 any frame), VP9 and AV1 there (and in WebM) at their shown key frames (AV1: those after a sequence
-header), into parts of whole GOPs, each sought to, decoded with one FFmpeg thread and stopped
+header), into parts of whole GOPs, each sought to, decoded without frame threads and stopped
 after its last sampled frame, on as many threads as the caller gives (the parts, and so the frames,
 do not depend on the number of threads; from the first part that does not decode cleanly, a damaged
 file is decoded from its start, except that damage after a GOP's last sampled frame is never
 decoded). Other videos (H.264 open GOPs, MPEG-TS, other codecs; streams whose reorder depth the
 decoder learns only while decoding, or that send parameter sets of their own in the stream; GOPs
-holding more than PART_BYTES of sampled frames) are decoded in one piece from their start, on one
-FFmpeg thread (frame threads conceal damage differently with each thread count and run). A window
+holding more than PART_BYTES of sampled frames) are decoded in one piece from their start. Frame
+threads are never used (they conceal damage differently with each thread count and run): FFmpeg's
+slice threads only (PyAV's default, as many as cores; exact), and dav1d (AV1) on one thread. A window
 holding no frame (a pause in a variable-frame-rate video) takes the last frame before it. Rotated
 videos (a display matrix, as phones write) are turned upright as FFmpeg's command line does.
 
@@ -387,7 +388,7 @@ def _parts(todo, idr):
 
 def _sampled_in_parts(path, container, stream, parts, need, threads, count, frame_bytes):
     """``_sampled`` over the whole video, its ``parts`` decoded on ``threads`` threads (each with its
-    own container, sought to the part's IDR picture, and one FFmpeg thread; PyAV lets go of the GIL
+    own container, sought to the part's IDR picture, and no frame threads; PyAV lets go of the GIL
     while decoding), in order: at most ``threads`` parts at a time, and more than one only while
     they hold at most AHEAD_BYTES (``frame_bytes`` a frame). Decoding from an IDR picture is exact on
     an undamaged stream only: from the first part that is not decoded cleanly (a frame FFmpeg marks
@@ -399,7 +400,7 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
         if not hasattr(local, 'container'):
             local.container = av.open(path, metadata_errors='replace')
             local.stream = local.container.streams[stream.index]
-            local.stream.codec_context.thread_count = 1
+            local.stream.codec_context.thread_count = stream.codec_context.thread_count
             opened.append(local.container)
         own, own_stream = local.container, local.stream
         n = [0, False]
@@ -476,7 +477,8 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         stream = video_stream(container)
         if stream is None:
             raise DecodeError(f'{path}: no video stream')
-        stream.codec_context.thread_count = 1  # not FFmpeg's default (slice threads, as many as cores)
+        if stream.codec_context.name in AV1_DECODERS:  # dav1d's threads decode frames in parallel
+            stream.codec_context.thread_count = 1
         try:
             rate = float(stream.average_rate or stream.guessed_rate or 25)
             keys, times, end_time, by_pts, idr, depth = _frame_keys(container, stream, rate)
@@ -508,10 +510,10 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
             parts = []
         frames = None
         try:
-            if parts:  # one FFmpeg thread per part, parts in parallel
+            if parts:  # parts in parallel
                 frames = _sampled_in_parts(path, container, stream, parts, need, max(threads, 1), count,
                                            frame_bytes)
-            else:  # one FFmpeg thread: its frame threads conceal damage differently with each count and run
+            else:  # no frame threads: they conceal damage differently with each thread count and run
                 container.seek(0)
                 frames = _sampled(container, stream, todo, need, by_pts, count)
             for keys, x in frames:
