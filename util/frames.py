@@ -211,8 +211,8 @@ def _av1_key(data):
                 n = len(data) - i
             if n and kind == 1:  # sequence header: seq_profile(3) still_picture(1) reduced_still_picture_header(1)
                 reduced = data[i] >> 3 & 1
-            elif n and kind in (3, 6):  # frame header, frame
-                # show_existing_frame(1) frame_type(2) show_frame(1), unless a reduced still picture (a key frame)
+            elif n and kind in (3, 6):  # frame header, frame: show_existing_frame(1) frame_type(2)
+                # show_frame(1), unless a reduced still picture (a key frame)
                 return reduced is not None and (reduced == 1 or data[i] >> 4 == 1)
             i += n
     except IndexError:
@@ -249,9 +249,9 @@ def _random_access(container, codec):
 def _frame_keys(container, stream, rate):
     """Keys of all frames shown (not those an edit list hides) in presentation order, their times (s
     from the first frame), the time the last frame ends (its time plus its duration), whether the keys
-    are timestamps (else decode positions, for containers without timestamps), the timestamps of the pictures decoding may start
-    at (in MP4 or Matroska: H.264 / HEVC IDR pictures, HEVC CRA too, VP9 / AV1 key frames; else none)
-    and the reorder depth the timestamps need."""
+    are timestamps (else decode positions, for containers without timestamps), the timestamps of the
+    pictures decoding may start at (in MP4 or Matroska: H.264 / HEVC IDR pictures, HEVC CRA too, VP9 /
+    AV1 key frames; else none) and the reorder depth the timestamps need."""
     pts, end, idr = [], None, []
     scan = _random_access(container, stream.codec_context)
     for p in container.demux(stream):
@@ -464,8 +464,9 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
     the number of frames decoded and converted, and of parts. ``shared``: build each segment in shared
     memory (a DataLoader worker then hands it over without a copy). ``raw``: leave the transform to the
     caller (``transform``, e.g. on the GPU) for frames of at most RAW_MAX_PIXELS whose resize (short
-    side 224) is no larger (aspect ratio up to 18:1): such a segment is the ``[num, H, W, 3]`` uint8 frames, turned upright (a segment whose frames are larger, or not all of
-    one size, is transformed here). Raises DecodeError naming the file and the segment it stopped at."""
+    side 224) is no larger (aspect ratio up to 18:1): such a segment is the ``[num, H, W, 3]`` uint8
+    frames, turned upright (a segment whose frames are larger, or not all of one size, is transformed
+    here). Raises DecodeError naming the file and the segment it stopped at."""
     def where(k):
         return f'{path}: segment {k} [{windows[k][0]:g}-{windows[k][1]:g} s]' if windows else path
 

@@ -23,7 +23,8 @@ class VideoError(InputError, ValueError):
 def video_stream(container):
     """The container's first video stream that is not a cover picture (an audio file's artwork, which
     FFmpeg lists as a one-frame video stream), or None."""
-    return next((s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic), None)
+    cover = av.stream.Disposition.attached_pic
+    return next((s for s in container.streams.video if not s.disposition & cover), None)
 
 
 @dataclass
