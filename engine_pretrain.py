@@ -123,8 +123,9 @@ def evaluate(model, data_loader, device, args):
     same ones. retrieval: each masked segment's reconstruction is compared (cosine) with every real
     segment of its validation batch (as the model's targets, ``model.loss_target``); top1 is the % of
     masked segments whose own embedding is the most similar, rank the mean rank of the own embedding
-    divided by the number of other candidates (0 best, about 0.5 for a random guess). The loss can sit at the level of predicting the mean embedding while
-    the encoder learns (see docs/PRETRAIN.md); retrieval does not hide that. ``data_loader`` may hold a
+    divided by the number of other candidates (0 best, about 0.5 for a random guess). The loss can sit
+    at the level of predicting the mean embedding while the encoder learns (see docs/PRETRAIN.md);
+    retrieval does not hide that. ``data_loader`` may hold a
     shard of the videos per process: sums are reduced over processes (retrieval candidates are the
     batch's, so its value depends on the validation batch size and the number of processes)."""
     model.eval()

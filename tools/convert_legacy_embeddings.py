@@ -61,11 +61,12 @@ def main(args):
             bad[vid] = str(e)
             print(f'skipped {vid}: {e}')
             continue
-        breaks = [f'{e:g} s -> {s:g} s' for e, s in zip(ends[:-1].tolist(), starts[1:].tolist()) if abs(s - e) > 1e-6]
+        breaks = [f'{e:g} s -> {s:g} s' for e, s in zip(ends[:-1].tolist(), starts[1:].tolist())
+                  if abs(s - e) > 1e-6]
         if breaks:
             gaps += 1
-            print(f'note: {vid}: segments not back to back at {", ".join(breaks[:5])}{" ..." if len(breaks) > 5 else ""} '
-                  f'(a segment missing, or two of one window); converted as found')
+            print(f'note: {vid}: segments not back to back at {", ".join(breaks[:5])}'
+                  f'{" ..." if len(breaks) > 5 else ""} (a segment missing, or two of one window); converted as found')
         try:
             save_video_embeddings(out, emb, starts, ends, dtype=DTYPES[args.dtype],
                                   metadata={'video_id': vid, 'source': 'legacy langbind_output.pt',

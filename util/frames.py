@@ -506,7 +506,8 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         # knows the reorder depth from the start (else FFmpeg learns it while decoding, dropping a
         # frame where it grows: a part would not) and every part is small enough
         frame_bytes = stream.codec_context.width * stream.codec_context.height * 3
-        parts = _parts(todo, idr) if skip and by_pts and idr and stream.codec_context.reorder_depth >= depth else []
+        parts = (_parts(todo, idr) if skip and by_pts and idr and stream.codec_context.reorder_depth >= depth
+                 else [])
         if len(parts) < 2 or max(len(k) for _, k in parts) * frame_bytes > PART_BYTES:
             parts = []
         frames = None
