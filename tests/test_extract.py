@@ -574,9 +574,10 @@ def test_rotated_video_is_turned_upright(tmp_path):
     assert not torch.allclose(ours, unturned)
 
 
-def write_bframes(path, seconds, options, fps=30, codec='libx264', format=None):
-    """A textured 160x96 video (``codec``'s B-frames and GOPs as ``options`` say); its frame count."""
-    return write_video(path, moving_texture_frames(seconds, fps, (160, 96)), fps=fps, codec=codec,
+def write_bframes(path, seconds, options, fps=30, codec='libx264', format=None, size=(160, 96)):
+    """A textured video, 160x96 unless ``size`` says (``codec``'s B-frames and GOPs as ``options`` say);
+    its frame count."""
+    return write_video(path, moving_texture_frames(seconds, fps, size), fps=fps, codec=codec,
                        options=options, format=format)
 
 
@@ -920,6 +921,30 @@ def test_damaged_video_in_one_piece_whatever_the_threads(tmp_path):
     for threads in (2, 2, 3, 4):
         other = _outcome(path, wins, threads)
         assert _same(one[0], other[0]) and one[1] == other[1], threads
+
+
+def test_damaged_slices_decode_as_on_one_ffmpeg_thread(tmp_path):
+    """H.264 with 4 slices a frame, 4 bytes of a P-frame overwritten: FFmpeg's slice threads (PyAV's
+    default, as many as cores) conceal it differently from one thread; step 3 decodes on one thread,
+    so its frames are those of a one-thread decode on any machine."""
+    import av
+    path = str(tmp_path / 'v.mp4')
+    write_bframes(path, 1.0, {'threads': '1', 'x264-params': 'keyint=30:min-keyint=30:slices=4:bframes=0:scenecut=0'},
+                  size=(320, 192))
+    _, pos, size, _ = _packets(path)[5]
+    data = bytearray(open(path, 'rb').read())
+    data[pos + size // 2:pos + size // 2 + 4] = b'\xff' * 4
+    open(path, 'wb').write(bytes(data))
+
+    def plain(threads):
+        with av.open(path) as c:
+            c.streams.video[0].codec_context.thread_count = threads
+            return np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
+
+    one = plain(1)
+    assert len(one) == 30 and not np.array_equal(one, plain(2))  # the case tested
+    (_, ours), = decode_segments(path, num=30, raw=True)  # every frame
+    assert np.array_equal(ours.numpy(), one)
 
 
 def _threads_agree(path, wins, parts):

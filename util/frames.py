@@ -20,11 +20,13 @@ do not depend on the number of threads; from the first part that does not decode
 file is decoded from its start, except that damage after a GOP's last sampled frame is never
 decoded). Other videos (H.264 open GOPs, MPEG-TS, other codecs; streams whose reorder depth the
 decoder learns only while decoding, or that send parameter sets of their own in the stream; GOPs
-holding more than PART_BYTES of sampled frames) are decoded in one piece from their start. Frame
-threads are never used (they conceal damage differently with each thread count and run): FFmpeg's
-slice threads only (PyAV's default, as many as cores; exact), and dav1d (AV1) on one thread. A window
-holding no frame (a pause in a variable-frame-rate video) takes the last frame before it. Rotated
-videos (a display matrix, as phones write) are turned upright as FFmpeg's command line does.
+holding more than PART_BYTES of sampled frames) are decoded in one piece from their start. Every
+decoder runs on one thread: FFmpeg's frame threads conceal damage differently with each thread count
+and run, and so do its slice threads (H.264 with several slices; HEVC's wavefront rows, libx265's
+default; exact on undamaged streams only), which PyAV starts as many as cores; dav1d's threads decode
+frames in parallel. A window holding no frame (a pause in a variable-frame-rate video) takes the last
+frame before it. Rotated videos (a display matrix, as phones write) are turned upright as FFmpeg's
+command line does.
 
 Transform (LanguageBind's, without its random flip): uint8 / 255, normalise with the OpenAI CLIP
 mean/std, resize the short side to 224 (bilinear), centre crop 224. Resizing and normalising are
@@ -388,7 +390,7 @@ def _parts(todo, idr):
 
 def _sampled_in_parts(path, container, stream, parts, need, threads, count, frame_bytes):
     """``_sampled`` over the whole video, its ``parts`` decoded on ``threads`` threads (each with its
-    own container, sought to the part's IDR picture, and no frame threads; PyAV lets go of the GIL
+    own container, sought to the part's IDR picture, and one decoder thread; PyAV lets go of the GIL
     while decoding), in order: at most ``threads`` parts at a time, and more than one only while
     they hold at most AHEAD_BYTES (``frame_bytes`` a frame). Decoding from an IDR picture is exact on
     an undamaged stream only: from the first part that is not decoded cleanly (a frame FFmpeg marks
@@ -400,7 +402,7 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
         if not hasattr(local, 'container'):
             local.container = av.open(path, metadata_errors='replace')
             local.stream = local.container.streams[stream.index]
-            local.stream.codec_context.thread_count = stream.codec_context.thread_count
+            local.stream.codec_context.thread_count = 1  # as the file's own decode
             opened.append(local.container)
         own, own_stream = local.container, local.stream
         n = [0, False]
@@ -478,8 +480,10 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         stream = video_stream(container)
         if stream is None:
             raise DecodeError(f'{path}: no video stream')
-        if stream.codec_context.name in AV1_DECODERS:  # dav1d's threads decode frames in parallel
-            stream.codec_context.thread_count = 1
+        # one decoder thread (PyAV's default: slice threads, as many as cores), whatever the codec: on a
+        # damaged stream FFmpeg's slice threads conceal differently with each count (H.264 with several
+        # slices) and run (HEVC's wavefront rows); dav1d's threads decode frames in parallel
+        stream.codec_context.thread_count = 1
         try:
             rate = float(stream.average_rate or stream.guessed_rate or 25)
             keys, times, end_time, by_pts, idr, depth = _frame_keys(container, stream, rate)
@@ -515,7 +519,7 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
             if parts:  # parts in parallel
                 frames = _sampled_in_parts(path, container, stream, parts, need, max(threads, 1), count,
                                            frame_bytes)
-            else:  # no frame threads: they conceal damage differently with each thread count and run
+            else:  # one decoder thread: FFmpeg's threads conceal damage differently with each count and run
                 container.seek(0)
                 frames = _sampled(container, stream, todo, need, by_pts, count)
             for keys, x in frames:
