@@ -947,6 +947,30 @@ def test_damaged_slices_decode_as_on_one_ffmpeg_thread(tmp_path):
     assert np.array_equal(ours.numpy(), one)
 
 
+def test_damaged_hevc_parts_do_not_depend_on_the_threads(tmp_path):
+    """HEVC (libx265's defaults: open GOPs, wavefront rows) with a bit flipped in the header of the CRA
+    picture that starts the last part (FFmpeg marks nothing corrupt): the same frames whatever the number
+    of threads. Each part has a decoder of its own: one that decoded another part before (flushed by the
+    seek) decoded the damage differently, so the frames depended on which thread took which part."""
+    path = str(tmp_path / 'v.mp4')
+    write_bframes(path, 2.0, {'x265-params': 'keyint=24:min-keyint=24:log-level=0'}, codec='libx265', size=(320, 192))
+    pk = _packets(path)
+    cra = [p for p in pk if p[3]][2]  # frame 48
+    data0 = open(path, 'rb').read()
+    wins = [(t / 4, t / 4 + 0.25) for t in range(8)]
+    for offset, bit in ((10, 4), (23, 1), (24, 1)):
+        data = bytearray(data0)
+        data[cra[1] + offset] ^= 1 << bit
+        open(path, 'wb').write(bytes(data))
+        stats = {}
+        list(decode_segments(path, wins, stats=stats))
+        assert stats['parts'] == 3
+        one = _outcome(path, wins, 1)
+        for threads in (2, 3, 3):
+            other = _outcome(path, wins, threads)
+            assert _same(one[0], other[0]) and one[1] == other[1], (offset, bit, threads)
+
+
 def _threads_agree(path, wins, parts):
     """decode_segments with 1, 2 and 3 threads: the frames of a full decode, in ``parts`` parts
     (``'many'``: more than one)."""

@@ -36,7 +36,6 @@ equals LanguageBind's to float rounding.
 import bisect
 import functools
 import math
-import threading
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -389,35 +388,33 @@ def _parts(todo, idr):
 
 
 def _sampled_in_parts(path, container, stream, parts, need, threads, count, frame_bytes):
-    """``_sampled`` over the whole video, its ``parts`` decoded on ``threads`` threads (each with its
-    own container, sought to the part's IDR picture, and one decoder thread; PyAV lets go of the GIL
+    """``_sampled`` over the whole video, its ``parts`` decoded on ``threads`` threads (each part with a
+    container of its own, sought to its IDR picture, and one decoder thread; PyAV lets go of the GIL
     while decoding), in order: at most ``threads`` parts at a time, and more than one only while
     they hold at most AHEAD_BYTES (``frame_bytes`` a frame). Decoding from an IDR picture is exact on
     an undamaged stream only: from the first part that is not decoded cleanly (a frame FFmpeg marks
     as corrupt, a decode error, data that ends early) the rest of the video is decoded front to back
     from the file's start (``container``), as without parts: the same frames and errors as then."""
-    local, opened = threading.local(), []
-
     def run(start, keys):  # the part's frames, or None if it is not decoded cleanly
-        if not hasattr(local, 'container'):
-            local.container = av.open(path, metadata_errors='replace')
-            local.stream = local.container.streams[stream.index]
-            local.stream.codec_context.thread_count = 1  # as the file's own decode
-            opened.append(local.container)
-        own, own_stream = local.container, local.stream
-        n = [0, False]
-        try:
-            if start is not None:
-                try:
-                    own.seek(start, stream=own_stream, backward=True, any_frame=False)
-                    out = list(_sampled(own, own_stream, keys, need, True, n, start))
-                except _SeekMissed:
-                    start = None  # this part from the file's start instead: slower, the same frames
-            if start is None:
-                own.seek(0)
-                out = list(_sampled(own, own_stream, keys, need, True, n))
-        except (av.FFmpegError, IndexError):
-            return None, n[0]
+        # a new container (and decoder) for each part: a decoder that decoded another part before keeps
+        # state through the seek's flush that changes how it decodes damage in this part (seen with
+        # HEVC), so the frames would depend on which parts the thread took before
+        with av.open(path, metadata_errors='replace') as own:
+            own_stream = own.streams[stream.index]
+            own_stream.codec_context.thread_count = 1  # as the file's own decode
+            n = [0, False]
+            try:
+                if start is not None:
+                    try:
+                        own.seek(start, stream=own_stream, backward=True, any_frame=False)
+                        out = list(_sampled(own, own_stream, keys, need, True, n, start))
+                    except _SeekMissed:
+                        start = None  # this part from the file's start instead: slower, the same frames
+                if start is None:
+                    own.seek(0)
+                    out = list(_sampled(own, own_stream, keys, need, True, n))
+            except (av.FFmpegError, IndexError):
+                return None, n[0]
         return (None if n[1] or sum(len(k) for k, _ in out) < len(keys) else out), n[0]
 
     pool, queue, ahead = ThreadPoolExecutor(threads), deque(), [0]
@@ -448,8 +445,6 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
             yield from out
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for own in opened:
-            own.close()
     if rest:
         container.seek(0)
         yield from _sampled(container, stream, rest, need, True, count)
