@@ -1084,6 +1084,29 @@ def test_edit_list_start_as_a_player_shows_it(tmp_path):
             assert np.array_equal(x.numpy(), np.stack([shown[a + i] for i in frame_indices(b - a)]))
 
 
+@pytest.mark.parametrize('codec, options', [
+    ('libvpx-vp9', {'g': '12', 'threads': '1', 'cpu-used': '8', 'auto-alt-ref': '1', 'lag-in-frames': '8'}),
+    ('libsvtav1', {'g': '12', 'preset': '12', 'svtav1-params': 'log-level=1'}),
+])
+def test_edit_list_of_vp9_and_av1_in_parts(tmp_path, codec, options):
+    """VP9 and AV1 in an mp4 cut without re-encoding inside a GOP: step 1 counts the frames a player
+    shows, and step 3, in parts cut at key frames (the first one hidden by the edit list), gives them,
+    whatever the threads."""
+    import av
+    from util.video import probe_video
+    src, path = tmp_path / 'src.mp4', str(tmp_path / 'cut.mp4')
+    write_bframes(src, 3.0, options, codec=codec)
+    cut_with_edit_list(src, path, 0.5)  # frame 15, in the GOP of frames 12-23
+    with av.open(path) as c:
+        shown = np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
+    assert len(shown) == probe_video(path).num_frames == 75
+    wins = [(i / 30, (i + 1) / 30) for i in range(75)]  # one frame each
+    for threads in (1, 2, 3):
+        stats = {}
+        ours = list(decode_segments(path, wins, threads=threads, stats=stats, raw=True))
+        assert stats['parts'] > 1 and np.array_equal(np.stack([x[0].numpy() for _, x in ours]), shown)
+
+
 def test_vp9_and_av1_key_frames():
     """The VP9 and AV1 headers read to cut at key frames: only a shown key frame (AV1: after a sequence
     header) starts a part; damaged bytes raise nothing."""

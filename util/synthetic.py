@@ -78,10 +78,11 @@ def cut_with_edit_list(src, dst, seconds):
     """Copy the mp4 ``src`` to ``dst`` starting ``seconds`` in without re-encoding, as ``ffmpeg -ss
     seconds -i src -c copy dst`` does: the packets from the key frame before that time on, with an edit
     list that hides those before it (FFmpeg's demuxer marks them ``is_discard``; a player decodes them
-    for reference and never shows them)."""
+    for reference and never shows them). Any codec PyAV can decode (``opaque``: a stream whose decoder,
+    such as libdav1d for AV1, cannot encode)."""
     with av.open(str(src)) as i, av.open(str(dst), 'w') as o:
         s = i.streams.video[0]
-        t, shift = o.add_stream_from_template(s), int(seconds / s.time_base)
+        t, shift = o.add_stream_from_template(s, opaque=True), int(seconds / s.time_base)
         for p in i.demux(s):
             if p.dts is not None:
                 p.pts, p.dts, p.stream = p.pts - shift, p.dts - shift, t
