@@ -633,6 +633,24 @@ def test_parts_decoded_in_parallel_keep_the_frames(tmp_path, name, codec, option
             assert torch.equal(transform(x.numpy()) if x.dtype == torch.uint8 else x, y)
 
 
+def test_long_video_in_at_most_max_parts(tmp_path, monkeypatch):
+    """A long video is cut into about MAX_PARTS parts of whole GOPs (each part opens the file), the same
+    frames; the plan: every part starts at an IDR picture and holds at least ``least`` keys but the last."""
+    todo, idr = list(range(0, 1000)), list(range(0, 1000, 7))
+    parts = frames._parts(todo, idr, 40)
+    assert [k for _, ks in parts for k in ks] == todo and all(s in idr for s, _ in parts)
+    assert all(len(ks) >= 40 for _, ks in parts[:-1]) and len(parts) <= 1000 // 40
+    path = _closed_gops(tmp_path / 'v.mp4', 6.0, keyint=6)
+    wins = [(t / 5, t / 5 + 0.2) for t in range(30)]  # 240 keys, a GOP every 0.2 s
+    ref = list(decode_segments(path, wins, skip=False))
+    many, few = {}, {}
+    list(decode_segments(path, wins, threads=2, stats=many))
+    monkeypatch.setattr(frames, 'MAX_PARTS', 4)
+    ours = list(decode_segments(path, wins, threads=2, stats=few))
+    assert few['parts'] <= 4 < many['parts']
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(ours, ref)) and len(ours) == len(ref)
+
+
 def test_part_whose_seek_misses_its_idr_decodes_from_the_start(tmp_path, monkeypatch):
     """A part whose seek does not land on its IDR picture (as in a Matroska file without an index) is
     decoded from the file's start instead: the same frames."""
@@ -640,7 +658,7 @@ def test_part_whose_seek_misses_its_idr_decodes_from_the_start(tmp_path, monkeyp
     wins = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
     ref = list(decode_segments(path, wins, skip=False))
     parts = frames._parts
-    monkeypatch.setattr(frames, '_parts', lambda todo, idr: [(None if s is None else s + 1, k) for s, k in parts(todo, idr)])
+    monkeypatch.setattr(frames, '_parts', lambda *a: [(None if s is None else s + 1, k) for s, k in parts(*a)])
     stats = {}
     ours = list(decode_segments(path, wins, threads=2, stats=stats))
     assert stats['parts'] > 1 and [k for k, _ in ours] == [k for k, _ in ref]

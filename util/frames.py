@@ -14,7 +14,7 @@ segment samples: about half the frames of an H.264 file with libx264's defaults.
 are always decoded, so the frames kept are bit for bit those of a full decode. H.264 and HEVC in MP4
 or Matroska are cut at their IDR pictures (HEVC: also CRA; where decoding may start without changing
 any frame), VP9 and AV1 there (and in WebM) at their shown key frames (AV1: those after a sequence
-header), into parts of whole GOPs, each sought to, decoded without frame threads and stopped
+header), into parts of whole GOPs (a long video into about MAX_PARTS), each sought to and stopped
 after its last sampled frame, on as many threads as the caller gives (the parts, and so the frames,
 do not depend on the number of threads; from the first part that does not decode cleanly, a damaged
 file is decoded from its start, except that damage after a GOP's last sampled frame is never
@@ -340,8 +340,10 @@ VP9_DECODERS, AV1_DECODERS = {'vp9', 'libvpx-vp9'}, {'libdav1d', 'av1', 'libaom-
 SEEK_EXACT_FORMATS = {'mov,mp4,m4a,3gp,3g2,mj2', 'matroska,webm'}
 # a part of a video holds at least this many sampled frames (one segment), at most PART_BYTES of them
 # (as RGB; a video whose GOPs hold more is decoded in one piece), and threads decode parts ahead while
-# they hold at most AHEAD_BYTES
+# they hold at most AHEAD_BYTES; a long video is cut into about MAX_PARTS parts (each part opens the
+# file, a few ms for a long video's index) unless that makes parts hold over half of PART_BYTES
 PART_FRAMES = NUM_FRAMES
+MAX_PARTS = 64
 PART_BYTES = 128 << 20
 AHEAD_BYTES = 512 << 20
 
@@ -371,15 +373,15 @@ def _sampled(container, stream, todo, need, by_pts, count, start=None):
             return
 
 
-def _parts(todo, idr):
+def _parts(todo, idr, least=PART_FRAMES):
     """``[(start, keys)]``: the sorted frame keys ``todo`` cut at IDR pictures (``start``: the IDR's
-    timestamp, None for the keys before the first one), whole GOPs and at least PART_FRAMES keys a
+    timestamp, None for the keys before the first one), whole GOPs and at least ``least`` keys a
     part: no frame is decoded by two parts but those the decoder holds back to reorder."""
     parts, gop = [], None  # gop: the IDR before the last key placed
     for key in todo:
         i = bisect.bisect_right(idr, key)
         start = idr[i - 1] if i else None
-        if parts and (start == gop or len(parts[-1][1]) < PART_FRAMES):  # never cut inside a GOP
+        if parts and (start == gop or len(parts[-1][1]) < least):  # never cut inside a GOP
             parts[-1][1].append(key)
         else:
             parts.append((start, [key]))
@@ -505,7 +507,8 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         # knows the reorder depth from the start (else FFmpeg learns it while decoding, dropping a
         # frame where it grows: a part would not) and every part is small enough
         frame_bytes = stream.codec_context.width * stream.codec_context.height * 3
-        parts = (_parts(todo, idr) if skip and by_pts and idr and stream.codec_context.reorder_depth >= depth
+        least = max(PART_FRAMES, min(-(-len(todo) // MAX_PARTS), PART_BYTES // (2 * max(frame_bytes, 1))))
+        parts = (_parts(todo, idr, least) if skip and by_pts and idr and stream.codec_context.reorder_depth >= depth
                  else [])
         if len(parts) < 2 or max(len(k) for _, k in parts) * frame_bytes > PART_BYTES:
             parts = []
