@@ -40,7 +40,9 @@ def get_args_parser():
 
 
 def read_segments(csv_path):
-    """Jobs (without ``output_path``) from a segments CSV, sorted by video id, segments by index."""
+    """Jobs (without ``output_path``) from a segments CSV, sorted by video id, segments by index.
+    Relative paths are resolved against the CSV's folder (as in dataset CSVs), whatever the working
+    folder of step 3."""
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -52,6 +54,8 @@ def read_segments(csv_path):
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise SegmentsError(f'{csv_path}: missing column(s) {missing}; has {list(df.columns)}')
+    base = os.path.dirname(os.path.abspath(csv_path))
+    resolve = lambda p: os.path.normpath(os.path.join(base, p)) if p else None
     jobs = {}
     for i, r in enumerate(df.to_dict('records'), start=1):
         where = f'{csv_path} row {i} (line {i + 1})'
@@ -67,13 +71,13 @@ def read_segments(csv_path):
         if values['end'] <= values['start']:
             raise SegmentsError(f'{where}: end {values["end"]} is not after start {values["start"]}')
         job = jobs.setdefault(r['video_id'], dict(
-            video_id=r['video_id'], video_path=r['video_path'], fps=values['fps'],
+            video_id=r['video_id'], video_path=resolve(r['video_path']), fps=values['fps'],
             num_frames=values['num_frames'], duration=values['duration'], segments=[]))
-        if job['video_path'] != r['video_path']:
+        if job['video_path'] != resolve(r['video_path']):
             raise SegmentsError(f'{where}: video {r["video_id"]} listed with two paths '
                                 f'({job["video_path"]} and {r["video_path"]})')
         job['segments'].append(dict(index=values['segment_index'], start=values['start'], end=values['end'],
-                                    path=r.get('segment_path') or None))
+                                    path=resolve(r.get('segment_path'))))
     for job in jobs.values():
         job['segments'].sort(key=lambda s: s['index'])
         if [s['index'] for s in job['segments']] != list(range(len(job['segments']))):

@@ -301,6 +301,21 @@ def test_shards(tmp_path):
     assert not (tmp_path / 'paired_paths.json').exists()
 
 
+def test_relative_paths_of_a_segments_csv_are_its_folders(tmp_path, monkeypatch):
+    """A hand-written segments CSV with relative paths: the job file holds them resolved against the
+    CSV's folder (as dataset CSVs are read), not against the folder step 3 runs in."""
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    pd.DataFrame(dict(video_id=['a', 'a'], video_path=['videos/a.mp4'] * 2, segment_index=[0, 1],
+                      start=[0.0, 5.0], end=[5.0, 9.0], num_frames=[90, 90], fps=[10.0, 10.0],
+                      duration=[9.0, 9.0], segment_path=['seg/a/0-5/video.mp4', ''])).to_csv(folder / 's.csv', index=False)
+    monkeypatch.chdir(tmp_path)
+    run_step2('--segments_csv', 'data/s.csv', '--embedding_dir', 'emb')
+    (job,) = json.loads((folder / 'paired_paths.json').read_text())['jobs']
+    assert job['video_path'] == str(folder / 'videos' / 'a.mp4')
+    assert [s['path'] for s in job['segments']] == [str(folder / 'seg' / 'a' / '0-5' / 'video.mp4'), None]
+
+
 @pytest.mark.parametrize('edit, message', [
     (lambda df: df.drop(columns=['end']), r"missing column\(s\) \['end'\]"),
     (lambda df: df.assign(start=['0', 'five']), r"row 2 \(line 3\): start 'five' is not a finite float"),
