@@ -338,7 +338,7 @@ def main(args):
     check_encoder(share, model_name, args.random_init, args.overwrite, log, spec.get('complete_encoders', []))
     jobs = [j for j in share if not is_complete(j['output_path'], j['segments'], model_name, args.random_init)]
     skipped = len(share) - len(jobs)
-    remove_stale_temporaries([j['output_path'] for j in jobs])
+    remove_stale_temporaries([j['output_path'] for j in share])  # also those of videos finished since
     log(f'{len(all_jobs)} jobs in {args.video_path_file}; rank {rank}/{world}: {len(share)} jobs, '
         f'{skipped} already complete, {len(jobs)} to do ({sum(len(j["segments"]) for j in jobs)} segments) '
         f'on {device}')

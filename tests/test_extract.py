@@ -485,23 +485,30 @@ def test_model_threads_do_not_follow_num_workers(library, tmp_path, monkeypatch)
 
 def test_only_own_temporary_files_are_removed(library, tmp_path):
     """A temporary file another step-3 process is still writing (it holds its lock) is left alone,
-    however old; an unlocked old one (a killed run's) is removed; a young one is kept."""
+    however old; an unlocked one with data (a killed run's) is removed, also right after the kill and
+    also once its video is complete; a young empty one (its writer may not hold the lock yet) is kept."""
     import fcntl
     emb = tmp_path / 'emb'
     emb.mkdir()
     busy, stale, young = emb / '.a.safetensors.b5sy0000.tmp', emb / '.a.safetensors.st4le000.tmp', emb / '.a.safetensors.y0ung000.tmp'
-    for p in (busy, stale, young):
+    killed = emb / '.a.safetensors.k1ll3d00.tmp'  # killed a moment ago
+    for p in (busy, stale, killed):
         p.write_bytes(b'partial')
+    young.write_bytes(b'')
     for p in (busy, stale):
         os.utime(p, (1e9, 1e9))
+    jobs = one_job_file(tmp_path / 'jobs.json', emb, [('a', library / 'a.mp4', windows(12.3))])
     fd = os.open(busy, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as atomic_write holds it while writing
     try:
-        run(one_job_file(tmp_path / 'jobs.json', emb, [('a', library / 'a.mp4', windows(12.3))]), '--num_workers', '0')
-        assert busy.exists() and young.exists() and not stale.exists()
+        run(jobs, '--num_workers', '0')
+        assert busy.exists() and young.exists() and not stale.exists() and not killed.exists()
     finally:
         os.close(fd)
     assert (emb / 'a.safetensors').is_file()
+    killed.write_bytes(b'partial')  # a second run on the same job file killed while rewriting it
+    assert run(jobs, '--num_workers', '0')['already_complete'] == 1
+    assert not killed.exists() and not busy.exists()  # used to be kept: only the videos to do were swept
 
 
 def test_raw_frames_transformed_later_equal_the_transformed_ones(library, monkeypatch):

@@ -47,9 +47,11 @@ def temporary_prefix(path):
 
 def remove_stale_temporaries(paths, min_age_s=60.0):
     """Remove the temporary files that ``atomic_write`` calls for ``paths`` left behind (a run killed
-    while writing), but only those no process is writing any more: a writer holds a lock on its file,
-    so another process's write in progress is never touched. Files younger than ``min_age_s`` are
-    kept too. Returns the paths removed. One folder listing per folder, whatever the number of paths."""
+    while writing), but only those no process is writing any more: a writer holds a lock on its file
+    before writing into it, so another process's write in progress is never touched, and a file with
+    data in it that nobody locks is a dead writer's, whatever its age (a rerun right after a kill
+    removes it). An empty one is kept until it is ``min_age_s`` old (its writer may not hold the lock
+    yet). Returns the paths removed. One folder listing per folder, whatever the number of paths."""
     prefixes = {}
     for p in paths:
         prefixes.setdefault(os.path.dirname(os.path.abspath(p)), set()).add(temporary_prefix(p))
@@ -69,7 +71,8 @@ def remove_stale_temporaries(paths, min_age_s=60.0):
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if time.time() - os.fstat(fd).st_mtime >= min_age_s:
+                st = os.fstat(fd)
+                if st.st_size > 0 or time.time() - st.st_mtime >= min_age_s:
                     os.remove(tmp)
                     removed.append(tmp)
             except OSError:  # locked by its writer, gone, or a file system without locks: leave it
