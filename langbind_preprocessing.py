@@ -338,7 +338,9 @@ def main(args):
     check_encoder(share, model_name, args.random_init, args.overwrite, log, spec.get('complete_encoders', []))
     jobs = [j for j in share if not is_complete(j['output_path'], j['segments'], model_name, args.random_init)]
     skipped = len(share) - len(jobs)
-    remove_stale_temporaries([j['output_path'] for j in share])  # also those of videos finished since
+    failure_file = failures_path(args.video_path_file, spec, all_jobs)
+    # also those of videos finished since, and of the failures and end-job files
+    remove_stale_temporaries([j['output_path'] for j in share] + [failure_file, args.end_job_file or failure_file])
     log(f'{len(all_jobs)} jobs in {args.video_path_file}; rank {rank}/{world}: {len(share)} jobs, '
         f'{skipped} already complete, {len(jobs)} to do ({sum(len(j["segments"]) for j in jobs)} segments) '
         f'on {device}')
@@ -402,7 +404,6 @@ def main(args):
         dist.destroy_process_group()
     elapsed = time.time() - start
     n_jobs, n_skip, n_written, n_failed, n_seg = (int(v) for v in totals[:5])
-    failure_file = failures_path(args.video_path_file, spec, all_jobs)
     summary = {'jobs': n_jobs, 'already_complete': n_skip, 'written': n_written, 'failed': n_failed,
                'failures_file': failure_file, 'segments': n_seg, 'seconds': round(elapsed, 2),
                'model_load_s': round(model_load_s, 2), 'first_batch_s': round(first[0] - entered, 2) if first else None,

@@ -507,8 +507,12 @@ def test_only_own_temporary_files_are_removed(library, tmp_path):
         os.close(fd)
     assert (emb / 'a.safetensors').is_file()
     killed.write_bytes(b'partial')  # a second run on the same job file killed while rewriting it
-    assert run(jobs, '--num_workers', '0')['already_complete'] == 1
+    listing, end = emb / '.failed_jobs.csv.k1ll3d00.tmp', tmp_path / '.end.json.k1ll3d00.tmp'
+    listing.write_bytes(b'video_id')
+    end.write_bytes(b'{')
+    assert run(jobs, '--num_workers', '0', '--end_job_file', str(tmp_path / 'end.json'))['already_complete'] == 1
     assert not killed.exists() and not busy.exists()  # used to be kept: only the videos to do were swept
+    assert not listing.exists() and not end.exists()
 
 
 def test_raw_frames_transformed_later_equal_the_transformed_ones(library, monkeypatch):
