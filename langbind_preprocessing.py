@@ -263,9 +263,10 @@ def check_encoder(jobs, model_name, random_init, overwrite, log, complete=()):
     left out of the job file (its ``complete_encoders``); another one among them always stops the run,
     as ``overwrite`` cannot re-embed videos that are not in the job file (files without ``model``
     metadata, converted from the original release, are not compared, as in step 4)."""
-    mine = encoder_name(model_name, '1' if random_init else '0')
+    rand = '1' if random_init else '0'  # as the store's metadata writes it
+    mine = encoder_name(model_name, rand)
     others = [e for e in complete if e['model'] is not None and not (
-        same_encoder(e['model'], model_name) and e['random_init'] == ('1' if random_init else '0'))]
+        same_encoder(e['model'], model_name) and e['random_init'] == rand)]
     if others:
         raise InputError(f'{sum(e["files"] for e in others)} complete store file(s) that step 2 left out of '
                          f'this job file were written by another encoder: {others[0]["example"]} holds '
@@ -339,8 +340,9 @@ def main(args):
     jobs = [j for j in share if not is_complete(j['output_path'], j['segments'], model_name, args.random_init)]
     skipped = len(share) - len(jobs)
     failure_file = failures_path(args.video_path_file, spec, all_jobs)
-    # also those of videos finished since, and of the failures and end-job files
-    remove_stale_temporaries([j['output_path'] for j in share] + [failure_file, args.end_job_file or failure_file])
+    # killed writes: also those of videos finished since, and of the failures and end-job files
+    remove_stale_temporaries([j['output_path'] for j in share] + [failure_file]
+                             + ([args.end_job_file] if args.end_job_file else []))
     log(f'{len(all_jobs)} jobs in {args.video_path_file}; rank {rank}/{world}: {len(share)} jobs, '
         f'{skipped} already complete, {len(jobs)} to do ({sum(len(j["segments"]) for j in jobs)} segments) '
         f'on {device}')

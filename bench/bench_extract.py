@@ -13,9 +13,9 @@ about 0.1 s for the tiny encoder, much more for ``--config huge``).
 
 ``--decode_limit`` generates realistic H.264 (``--dl_videos`` videos, by default 2 of 2 minutes;
 480x270, 30 fps, libx264's defaults with B-frames, textured moving content; ``--dl_codec vp9`` or
-``av1``: those codecs, a key frame every 4 s), times decoding every
-frame of them with ``--num_workers`` processes, then step 3 (tiny random encoder, run as its own
-process) with the same number of decoding workers: ``ratio`` = step 3's work time (its summary's
+``av1``: those codecs, a key frame every 4 s), times decoding every frame of them with
+``--num_workers`` processes, then step 3 (tiny random encoder, run as its own process) with the same
+number of decoding workers: ``ratio`` = step 3's work time (its summary's
 ``seconds``) / the time to decode everything; ``decoding_side_ratio``: the same for step 3's
 decoding alone with the transform left to the model's device (``--transform_on device``, the default
 on a GPU), i.e. the CPU work of a GPU server, timed in as many processes; ``startup_s`` = from step
@@ -164,8 +164,9 @@ def decode_limit(args, work):
     # one folder per kind of videos: step 1 segments every video of it
     video_dir = os.path.join(work, f'dl_videos_{args.dl_codec}_{args.dl_videos}x{args.dl_seconds:g}s')
     os.makedirs(video_dir, exist_ok=True)
-    paths = [os.path.join(video_dir, f'texture{i}.{DL_CODECS[args.dl_codec][2]}') for i in range(args.dl_videos)]
-    todo = [(path, args.dl_seconds, i, args.dl_codec) for i, path in enumerate(paths) if not os.path.isfile(path)]
+    ext = DL_CODECS[args.dl_codec][2]
+    paths = [os.path.join(video_dir, f'texture{i}.{ext}') for i in range(args.dl_videos)]
+    todo = [(p, args.dl_seconds, i, args.dl_codec) for i, p in enumerate(paths) if not os.path.isfile(p)]
     with ProcessPoolExecutor(max(1, min(len(todo), os.cpu_count()))) as pool:
         list(pool.map(_texture_video, todo))
     seg_dir, emb_dir = os.path.join(work, 'dl_segments'), os.path.join(work, 'dl_embeddings')
