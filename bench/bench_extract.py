@@ -69,6 +69,10 @@ def get_args_parser():
     parser.add_argument('--dl_videos', default=2, type=int,
                         help='decode-limit videos (e.g. 16 with --num_workers 16 on a 16-core GPU server: '
                              'one thread a worker)')
+    parser.add_argument('--dl_grain', default=18, type=int,
+                        help='amplitude of the per-frame sensor-like noise of the decode-limit videos (18: about '
+                             '20 MB per 2-minute H.264 video, as camera footage at this size; 0: the smoother '
+                             '6.6 MB videos of the measurements before 2026-11-30)')
     return parser
 
 
@@ -154,19 +158,19 @@ DL_CODECS = {'h264': ('libx264', None, 'mp4'),
 
 
 def _texture_video(item):
-    path, seconds, seed, codec = item
+    path, seconds, seed, codec, grain = item
     encoder, options, _ = DL_CODECS[codec]
-    write_video(path, moving_texture_frames(seconds, 30, (480, 270), seed=seed), fps=30, codec=encoder,
+    write_video(path, moving_texture_frames(seconds, 30, (480, 270), seed=seed, grain=grain), fps=30, codec=encoder,
                 options=options)
 
 
 def decode_limit(args, work):
     # one folder per kind of videos: step 1 segments every video of it
-    video_dir = os.path.join(work, f'dl_videos_{args.dl_codec}_{args.dl_videos}x{args.dl_seconds:g}s')
+    video_dir = os.path.join(work, f'dl_videos_{args.dl_codec}_{args.dl_videos}x{args.dl_seconds:g}s_grain{args.dl_grain}')
     os.makedirs(video_dir, exist_ok=True)
     ext = DL_CODECS[args.dl_codec][2]
     paths = [os.path.join(video_dir, f'texture{i}.{ext}') for i in range(args.dl_videos)]
-    todo = [(p, args.dl_seconds, i, args.dl_codec) for i, p in enumerate(paths) if not os.path.isfile(p)]
+    todo = [(p, args.dl_seconds, i, args.dl_codec, args.dl_grain) for i, p in enumerate(paths) if not os.path.isfile(p)]
     with ProcessPoolExecutor(max(1, min(len(todo), os.cpu_count()))) as pool:
         list(pool.map(_texture_video, todo))
     seg_dir, emb_dir = os.path.join(work, 'dl_segments'), os.path.join(work, 'dl_embeddings')
@@ -196,7 +200,7 @@ def decode_limit(args, work):
          decoding_side_s=round(side_s, 2), decoding_side_ratio=round(side_s / decode_s, 3),
          startup_s=summary['first_batch_s'],
          frames=frames, segments=summary['segments'], num_workers=args.num_workers, video='480x270@30',
-         codec=args.dl_codec,
+         codec=args.dl_codec, grain=args.dl_grain,
          video_seconds=args.dl_seconds, num_videos=args.dl_videos, megabytes=round(sum(map(os.path.getsize, paths)) / 1e6, 1),
          cpus=os.cpu_count(), config='tiny', random_init=True)
 

@@ -41,10 +41,11 @@ def color_frames(seconds, fps=10, size=(64, 48), colors=((255, 0, 0), (0, 255, 0
         yield np.clip(frame, 0, 255).astype(np.uint8)
 
 
-def moving_texture_frames(seconds, fps=30, size=(480, 270), seed=0):
+def moving_texture_frames(seconds, fps=30, size=(480, 270), seed=0, grain=0):
     """Frames of a realistic-to-encode test video: a seeded random texture (smooth blobs and fine
     grain) that drifts and turns slowly, so that the encoder uses motion vectors and B-frames and
-    the stream has a bitrate like camera footage, unlike flat colours."""
+    the stream has a bitrate like camera footage, unlike flat colours. ``grain``: the amplitude of a
+    seeded noise drawn anew for every frame, as a camera's sensor adds (0: none)."""
     rng = np.random.default_rng(seed)
     w, h = size
     big = (h + 64, w + 64)
@@ -59,6 +60,9 @@ def moving_texture_frames(seconds, fps=30, size=(480, 270), seed=0):
         frame = texture[dy:dy + h, dx:dx + w]
         if int(t // 4) % 2:  # the scene changes every 4 s
             frame = frame[::-1]
+        if grain:
+            noise = rng.integers(-grain, grain + 1, size=frame.shape, dtype=np.int16)
+            frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
         yield np.ascontiguousarray(frame)
 
 
