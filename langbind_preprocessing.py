@@ -7,9 +7,9 @@ videos and writes a video's file (atomically) as soon as all its segments are em
 videos are skipped, so a killed run is resumed by running the same command again. Under
 ``torchrun --nproc_per_node N`` rank r takes jobs r, r+N, ...
 
-A video that fails (it does not decode, its file cannot be written) never stops the others: it is
-listed in ``<embedding_dir>/failed_<job file name>.csv``, counted in the summary and in
-``--end_job_file``; ``--strict`` then makes the exit status 1.
+A video that fails (it does not decode, it kills its decoding process, its file cannot be written)
+never stops the others: it is listed in ``<embedding_dir>/failed_<job file name>.csv``, counted in the
+summary and in ``--end_job_file``; ``--strict`` then makes the exit status 1.
 
     python langbind_preprocessing.py --video_path_file data/lvu_segments/paired_paths.json \
         --model_path checkpoints/LanguageBind_Video_Huge_V1.5_FT
@@ -23,8 +23,11 @@ import csv
 import datetime
 import io
 import json
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -106,16 +109,21 @@ class SegmentFrames(IterableDataset):
     """Items: ``{'job', 'index': [n], 'pixels': n x [3, 8, 224, 224]}`` (with ``raw``, possibly
     ``[8, H, W, 3]`` uint8 frames: ``decode_segments``), chunks of at most ``chunk``
     segments of one job, or ``{'job', 'error'}`` when its video fails (any error: one video never
-    stops the others). Each worker takes whole jobs (worker w of W: jobs w, w+W, ...)."""
+    stops the others). ``order``: the jobs to do (default all); each worker takes whole jobs (worker w
+    of W: ``order[w::W]``) and writes the one it is decoding into ``current[w]`` (shared memory), so
+    that the main process knows which videos were being decoded when a worker died."""
 
-    def __init__(self, jobs, chunk, raw=False):
-        self.jobs, self.chunk, self.raw = jobs, chunk, raw
+    def __init__(self, jobs, chunk, raw=False, order=None, current=None):
+        self.jobs, self.chunk, self.raw, self.current = jobs, chunk, raw, current
+        self.order = range(len(jobs)) if order is None else order
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         threads = max(1, num_cpus() // nw)  # decoding threads (util.frames): the workers share the cores
-        for j in range(wid, len(self.jobs), nw):
+        for j in self.order[wid::nw]:
+            if self.current is not None:
+                self.current[wid] = j
             index, pixels = [], []
             try:
                 for i, x in job_segments(self.jobs[j], threads, shared=info is not None, raw=self.raw):
@@ -170,10 +178,10 @@ class Batcher:
         return done
 
     def drop(self, j):
-        """Forget video ``j`` (it failed); returns the number of its segments not embedded yet."""
+        """Forget video ``j`` (it failed, or it is to be decoded again)."""
         self.queue = [q for q in self.queue if q[0] != j]
         self.out.pop(j, None)
-        return self.left.pop(j, 0)
+        self.left.pop(j, None)
 
     def flush(self):
         done = []
@@ -349,7 +357,20 @@ def main(args):
 
     start, first = time.time(), []  # work time: from here (decoding starts) to the last file written
     raw = args.transform_on == 'device' or (args.transform_on == 'auto' and device.type == 'cuda')
-    loader = iter(DataLoader(SegmentFrames(jobs, CHUNK, raw), batch_size=None, num_workers=args.num_workers))
+
+    def decoding(order, num_workers):
+        """The decoding workers of the jobs ``order`` (started now) and the job each is on."""
+        current = multiprocessing.Array('q', [-1] * max(num_workers, 1), lock=False)
+        dataset = SegmentFrames(jobs, CHUNK, raw, order, current)
+        loader = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers))
+        if num_workers and threading.current_thread() is threading.main_thread():
+            # DataLoader's SIGCHLD handler raises a worker's death at any point of this process (in the
+            # middle of writing a file, of loading the model); without it, the next item raises it
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        return loader, current
+
+    todo = list(range(len(jobs)))
+    loader, current = decoding(todo, args.num_workers)
     encoder = load_encoder(args.model_path, args.random_init).to(device)
     if device.type == 'cuda':  # the first forward pass loads its kernels (0.4 s on an H200): now, while
         # the workers decode the first segments (no output depends on it)
@@ -364,36 +385,66 @@ def main(args):
             first.append(time.time())
         return e
 
-    batcher = Batcher({j: len(job['segments']) for j, job in enumerate(jobs)}, embed_batch, args.batch_size)
-    failed = {}  # job -> reason
+    def new_batcher(todo):
+        return Batcher({j: len(jobs[j]['segments']) for j in todo}, embed_batch, args.batch_size)
+
+    batcher = new_batcher(todo)
+    failed, done = {}, set()  # job -> reason; jobs written or failed
     bar = tqdm(total=sum(len(j['segments']) for j in jobs), unit='seg', desc=f'rank {rank}', position=rank,
                disable=None)
     written, segments, minutes = 0, 0, 0.0
 
     def fail(j, reason):
         failed[j] = reason
-        bar.total -= batcher.drop(j)
+        done.add(j)
+        batcher.drop(j)
+        bar.total -= len(jobs[j]['segments'])
         tqdm.write(f'failed {jobs[j]["video_id"]}: {reason}')
 
-    def finish(done):
+    def finish(finished):
         nonlocal written, segments, minutes
-        for j, emb in done:
+        for j, emb in finished:
             job = jobs[j]
             try:
                 write_store(job, emb, model_name, args.random_init, spec.get('segment_sec', ''))
             except (OSError, ValueError) as e:  # e.g. a name the file system refuses, a full disk
                 fail(j, f'cannot write {job["output_path"]} ({type(e).__name__}: {e})')
                 continue
+            done.add(j)
             written, segments = written + 1, segments + len(job['segments'])
             minutes += float(job.get('duration') or job['segments'][-1]['end']) / 60
             bar.update(len(job['segments']))
 
-    for item in loader:
-        if 'error' in item:  # drop what was decoded or embedded of this video
-            fail(item['job'], item['error'])
-        else:
-            finish(batcher.add(item['job'], item['index'], item['pixels']))
-    finish(batcher.flush())
+    def consume(loader):
+        """Embed and write what ``loader`` decodes. Returns None, or the message of the error when a
+        decoding process died (FFmpeg crashed on a file, the out-of-memory killer)."""
+        try:
+            for item in loader:
+                if 'error' in item:  # drop what was decoded or embedded of this video
+                    fail(item['job'], item['error'])
+                else:
+                    finish(batcher.add(item['job'], item['index'], item['pixels']))
+            finish(batcher.flush())
+        except RuntimeError as e:
+            if 'DataLoader worker (pid' not in str(e):
+                raise
+            return str(e).strip().splitlines()[0]
+        return None
+
+    while (crash := consume(loader)) is not None:
+        suspects = [j for j in current if j >= 0 and j not in done]
+        loader = None  # shuts the other workers down
+        if not suspects:
+            raise RuntimeError(crash)
+        tqdm.write(f'a decoding process died ({crash}); decoding the {len(suspects)} video(s) it may have been '
+                   f'on one at a time')
+        todo = [j for j in todo if j not in done]
+        batcher = new_batcher(todo)  # the videos under way are decoded again
+        for j in suspects:  # each alone in a process of its own: the video that kills it again fails
+            if (alone := consume(decoding([j], 1)[0])) is not None:
+                fail(j, f'its decoding process died ({alone})')
+        todo = [j for j in todo if j not in done]
+        loader, current = decoding(todo, args.num_workers)
     bar.close()
 
     totals = torch.tensor([len(share), skipped, written, len(failed), segments, minutes], dtype=torch.float64)

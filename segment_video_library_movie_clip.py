@@ -7,11 +7,13 @@ H.264 file ``<output_dir>/<video_id>/<start>-<end>/video.mp4`` (the original rel
     python segment_video_library_movie_clip.py --video_dir videos/ --output_dir data/lvu_segments
 """
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 import pandas as pd
@@ -103,6 +105,57 @@ def process_video(item, segment_sec, min_last_sec, reencode_dir=None):
     return rows, None
 
 
+_STARTED = None  # in a worker process: the items started so far (shared memory)
+
+
+def _remember(started):
+    global _STARTED
+    _STARTED = started
+
+
+def _tracked(work, i, item):
+    _STARTED[i] = 1
+    return work(item)
+
+
+def in_processes(work, items, num_workers, bar):
+    """``[work(item) for item in items]`` in ``num_workers`` processes (``bar``: a tqdm to update). A
+    process that dies (FFmpeg crashing on a file, the out-of-memory killer) stops none of the others:
+    the items it may have been on are done again one at a time, and one that kills its process again
+    gives ``([], reason)``."""
+    results = [None] * len(items)
+    started = multiprocessing.Array('b', len(items), lock=False)
+
+    def run(todo, workers):  # None, or the error's message when a process died
+        with ProcessPoolExecutor(workers, initializer=_remember, initargs=(started,)) as pool:
+            futures = {pool.submit(_tracked, work, i, items[i]): i for i in todo}
+            try:
+                for f in as_completed(futures):
+                    results[futures[f]] = f.result()
+                    bar.update()
+            except BrokenProcessPool as e:
+                for f, i in futures.items():  # those that finished before it broke
+                    if results[i] is None and f.done() and f.exception() is None:
+                        results[i] = f.result()
+                        bar.update()
+                return str(e)
+        return None
+
+    todo = list(range(len(items)))
+    while (crash := run(todo, num_workers)) is not None:
+        suspects = [i for i in todo if started[i] and results[i] is None]
+        if not suspects:
+            raise RuntimeError(crash)
+        tqdm.write(f'a worker process died ({crash}); doing the {len(suspects)} video(s) it may have been on '
+                   f'one at a time')
+        for i in suspects:
+            if (alone := run([i], 1)) is not None:
+                results[i] = ([], f'its process died ({alone})')
+                bar.update()
+        todo = [i for i in todo if results[i] is None]
+    return results
+
+
 def write_csv(path, rows, columns):
     atomic_write(path, lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False))
 
@@ -131,12 +184,15 @@ def main(args):
 
     work = partial(process_video, segment_sec=args.segment_sec, min_last_sec=args.min_last_sec,
                    reencode_dir=out_dir if args.reencode else None)
-    progress = partial(tqdm, total=len(videos), unit='video', desc='re-encoding' if args.reencode else 'probing')
+    bar = tqdm(total=len(videos), unit='video', desc='re-encoding' if args.reencode else 'probing')
     if args.num_workers > 0 and len(videos) > 1:
-        with ProcessPoolExecutor(args.num_workers) as pool:
-            results = list(progress(pool.map(work, videos.items())))
+        results = in_processes(work, list(videos.items()), args.num_workers, bar)
     else:
-        results = list(progress(map(work, videos.items())))
+        results = []
+        for item in videos.items():
+            results.append(work(item))
+            bar.update()
+    bar.close()
 
     segments, bad = [], []
     for path, (rows, reason) in zip(videos.values(), results):

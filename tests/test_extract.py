@@ -431,6 +431,42 @@ def test_job_file_edited_by_hand_is_checked(library, tmp_path, segments, message
     assert not (tmp_path / 'emb').exists()
 
 
+def test_decoding_process_that_dies_fails_its_video_only(library, tmp_path, monkeypatch):
+    """A decoding worker killed by its video (FFmpeg crashing: SIGSEGV) or by something passing (the
+    out-of-memory killer: SIGKILL, once): the videos it may have been on are decoded again, one at a
+    time; the one that kills its process again fails, the others are written as in a run without deaths."""
+    import faulthandler
+    import signal
+    from torch.utils.data import get_worker_info
+    videos = [(v, library / VIDEOS[v][3], windows(VIDEOS[v][0])) for v in ('a', 'b', 'c')]
+    reference = tmp_path / 'ref'
+    run(one_job_file(tmp_path / 'ref.json', reference, videos), '--num_workers', '2')
+    real, once = step3.job_segments, tmp_path / 'killed_once'
+
+    def dying(job, *args, **kwargs):
+        for k, (i, x) in enumerate(real(job, *args, **kwargs)):
+            if get_worker_info() is not None and k == 1:  # the video's 2nd segment, the 1st one sent
+                if job['video_id'] == 'b':
+                    faulthandler.disable()  # pytest's: no traceback dump from the worker
+                    os.kill(os.getpid(), signal.SIGSEGV)
+                if job['video_id'] == 'a' and not once.exists():
+                    once.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            yield i, x
+
+    monkeypatch.setattr(step3, 'job_segments', dying)
+    monkeypatch.setattr(step3, 'CHUNK', 1)  # a's and b's first segments reach the main process first
+    emb = tmp_path / 'emb'
+    summary = run(one_job_file(tmp_path / 'jobs.json', emb, videos), '--num_workers', '2')
+    assert once.exists() and summary['written'] == 2 and summary['failed'] == 1
+    failures = pd.read_csv(emb / 'failed_jobs.csv')
+    assert failures['video_id'].tolist() == ['b']
+    assert failures['reason'][0].startswith('its decoding process died (DataLoader worker (pid')
+    for vid in ('a', 'c'):
+        assert (emb / f'{vid}.safetensors').read_bytes() == (reference / f'{vid}.safetensors').read_bytes()
+    assert not (emb / 'b.safetensors').exists()
+
+
 def write_vfr(path, segments, fps=10, size=(64, 48)):
     """A variable-frame-rate mp4: frames at ``fps`` during each ``(start, end)`` of ``segments`` only."""
     from fractions import Fraction

@@ -107,6 +107,37 @@ def test_segments_csv_and_bad_videos(library, segmented, capsys):
     assert 'not a readable video' in reasons['notes.mp4'] and 'not a readable video' in reasons['broken/corrupt.mp4']
 
 
+def test_worker_process_that_dies_fails_its_video_only(library, segmented, tmp_path, monkeypatch):
+    """A probing process killed by its video (FFmpeg crashing: SIGSEGV) or by something passing (the
+    out-of-memory killer: SIGKILL, once) used to stop step 1 with nothing written: the videos it may
+    have been on are now probed again one at a time, and the one that kills its process again is
+    listed in bad_videos.csv."""
+    import multiprocessing
+    import faulthandler
+    import signal
+    real, once = step1.probe_video, tmp_path / 'killed_once'
+
+    def dying(path):
+        if multiprocessing.parent_process() is not None:  # in a worker process only
+            if path.endswith('long.mkv'):
+                faulthandler.disable()  # pytest's: no traceback dump from the worker
+                os.kill(os.getpid(), signal.SIGSEGV)
+            if path.endswith('tail.avi') and not once.exists():
+                once.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(path)
+
+    monkeypatch.setattr(step1, 'probe_video', dying)
+    run_step1(library, tmp_path / 'out', '--num_workers', '2')
+    assert once.exists()
+    ref = pd.read_csv(segmented / 'segments_metadata.csv', keep_default_na=False)
+    got = pd.read_csv(tmp_path / 'out' / 'segments_metadata.csv', keep_default_na=False)
+    pd.testing.assert_frame_equal(got, ref[ref.video_id != 'long'].reset_index(drop=True))
+    bad = pd.read_csv(tmp_path / 'out' / 'bad_videos.csv')
+    reasons = dict(zip(bad.video_path, bad.reason))
+    assert len(reasons) == 5 and reasons[str(library / 'long.mkv')].startswith('its process died (')
+
+
 def test_summary_and_in_process_run_agree(library, segmented, tmp_path, capsys):
     run_step1(library, tmp_path, '--num_workers', '0')
     out = capsys.readouterr().out
