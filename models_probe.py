@@ -34,14 +34,20 @@ def linear(x, weight, bias):
     return torch.baddbmm(bias[:, :, None], weight, x.transpose(1, 2)).transpose(1, 2)
 
 
-def layer_norm(x, weight, bias, eps=1e-6):
+# The released AP builds its block with ``norm_layer=nn.LayerNorm`` and its last norm as ``nn.LayerNorm(dim)``:
+# PyTorch's default eps, not the encoder's 1e-6. It matters on inputs of small variance (the raw unit-norm
+# embeddings of ``--baseline raw`` have a per-element variance of 1 / width).
+HEAD_NORM_EPS = 1e-5
+
+
+def layer_norm(x, weight, bias, eps=HEAD_NORM_EPS):
     """Per-copy LayerNorm over the last dimension: ``x [G, ..., E]``, ``weight, bias [G, E]``."""
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
     return F.layer_norm(x, x.shape[-1:], eps=eps) * weight.view(shape) + bias.view(shape)
 
 
 class APHead(nn.Module):
-    """A timm ``Block`` (qkv bias, LayerNorm eps 1e-6, GELU MLP) over all tokens, LayerNorm, linear
+    """A timm ``Block`` (qkv bias, LayerNorm eps 1e-5 as released, GELU MLP) over all tokens, LayerNorm, linear
     classifier on the CLS token; initialised as those timm modules are (the block's ``attn.qkv`` is
     kept as its three parts ``attn_{q,k,v}_{weight,bias}``; the key bias adds the same to every score
     of a query, so it cancels in the softmax and gets no gradient).
@@ -57,8 +63,8 @@ class APHead(nn.Module):
     def __init__(self, dim, num_outputs, num_heads=8, prepend_cls=False, copies=1):
         super().__init__()
         self.num_heads, self.copies, self.prepend_cls = num_heads, copies, prepend_cls
-        block = Block(dim, num_heads, mlp_ratio=4., qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-        modules = {'': block, 'norm.': nn.LayerNorm(dim, eps=1e-6), 'head.': nn.Linear(dim, num_outputs)}
+        block = Block(dim, num_heads, mlp_ratio=4., qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=HEAD_NORM_EPS))
+        modules = {'': block, 'norm.': nn.LayerNorm(dim, eps=HEAD_NORM_EPS), 'head.': nn.Linear(dim, num_outputs)}
         params = {prefix.replace('.', '_') + k: p
                   for prefix, m in modules.items() for k, p in stacked(m, copies).items()}
         for kind in ('weight', 'bias'):
@@ -77,8 +83,8 @@ class APHead(nn.Module):
             x0, rest, rest_len = p['cls_token'][:, None].expand(G, B, E), x, lengths
         else:
             x0, rest, rest_len = x[:, 0].expand(G, B, E), x[:, 1:], lengths - 1
-        n0 = F.layer_norm(x0, (E,), eps=1e-6)[:, None]                             # [G, 1, B, E]
-        n = F.layer_norm(rest, (E,), eps=1e-6)                                     # [B, T', E]
+        n0 = F.layer_norm(x0, (E,), eps=HEAD_NORM_EPS)[:, None]                   # [G, 1, B, E]
+        n = F.layer_norm(rest, (E,), eps=HEAD_NORM_EPS)                            # [B, T', E]
         g, b = p['norm1_weight'][:, None, None], p['norm1_bias'][:, None, None]    # [G, 1, 1, E]
         # per (copy, head) batched products, laid out [G, H, B, .] so that each weight's gradient comes
         # out in the weight's own layout (no copies)

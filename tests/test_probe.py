@@ -5,7 +5,6 @@ import os
 import platform
 import subprocess
 import sys
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -113,10 +112,11 @@ def run(data, probe, task, *flags, out='out'):
 
 
 def timm_reference(head, g):
-    """Copy ``g`` of an ``APHead`` as the timm modules it stands for: ``x -> head(norm(block(x)[:, 0]))``."""
+    """Copy ``g`` of an ``APHead`` as the timm modules it stands for: ``x -> head(norm(block(x)[:, 0]))``,
+    with the released probe's norms (``norm_layer=nn.LayerNorm`` and ``nn.LayerNorm(dim)``: eps 1e-5)."""
     from timm.models.vision_transformer import Block
-    block = Block(D, head.num_heads, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    norm, lin = torch.nn.LayerNorm(D, eps=1e-6), torch.nn.Linear(D, head.p['head_bias'].shape[1])
+    block = Block(D, head.num_heads, qkv_bias=True, norm_layer=torch.nn.LayerNorm)
+    norm, lin = torch.nn.LayerNorm(D), torch.nn.Linear(D, head.p['head_bias'].shape[1])
     params = {k: v[g] for k, v in head.p.items()}
     for kind in ('weight', 'bias'):
         params[f'attn_qkv_{kind}'] = torch.cat([params.pop(f'attn_{part}_{kind}') for part in 'qkv'])
@@ -145,6 +145,17 @@ def test_ap_head_copies_equal_timm_block_at_cls(prepend_cls):
         torch.testing.assert_close(out[g], timm_reference(head, g)(x, lengths), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('prepend_cls', [False, True])
+def test_ap_head_norms_have_the_released_eps(prepend_cls):
+    """The released AP builds its block with ``norm_layer=nn.LayerNorm`` and its last norm as
+    ``nn.LayerNorm(dim)``: PyTorch's eps 1e-5, not the encoder's 1e-6. It shows on inputs of small
+    variance, such as the raw unit-norm embeddings of ``--baseline raw`` (per-element variance 1 / D)."""
+    torch.manual_seed(0)
+    head = APHead(D, 3, num_heads=8, prepend_cls=prepend_cls)
+    x, lengths = F.normalize(torch.randn(4, 7, D), dim=-1) * 0.1, torch.tensor([7, 3, 1, 5])
+    torch.testing.assert_close(head(x, lengths)[0], timm_reference(head, 0)(x, lengths), rtol=1e-5, atol=1e-6)
+
+
 def test_ap_head_starts_as_the_timm_modules_it_stands_for():
     """Every copy starts from the weights the timm modules (block, norm, classifier, then the CLS token)
     get from the same seed: the released probe's initialisation."""
@@ -152,8 +163,8 @@ def test_ap_head_starts_as_the_timm_modules_it_stands_for():
     torch.manual_seed(0)
     head = APHead(D, 3, num_heads=8, prepend_cls=True, copies=2)
     torch.manual_seed(0)
-    block = Block(D, 8, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    norm, lin = torch.nn.LayerNorm(D, eps=1e-6), torch.nn.Linear(D, 3)
+    block = Block(D, 8, qkv_bias=True, norm_layer=torch.nn.LayerNorm)
+    norm, lin = torch.nn.LayerNorm(D), torch.nn.Linear(D, 3)
     cls = torch.nn.init.normal_(torch.zeros(1, D), std=.02)
     for g in range(2):
         ref = timm_reference(head, g)   # the copy's weights, put back into timm's layout
