@@ -295,6 +295,9 @@ def main(args):
         keep_freed_memory()   # the heads' large gradients are reused, not faulted in again every step
     names = expand_tasks(args.task)
     in_group = len(names) > 1
+    if in_group and not any(has_embeddings(os.path.join(args.data_path, n, 'test.csv')) for n in names):
+        raise EmbeddingError(f'--data_path {args.data_path}: no task of {", ".join(names)} has test embeddings '
+                             '(<task>/test.csv missing, without rows, or none of its embedding files exists)')
     lock = FolderLock(args.output_dir, 'probe run')
     # a per-run name: two runs never share a memory-mapped cache file, even on another output folder's lock
     cache_dir = os.path.join(args.output_dir, f'feature_cache_{os.getpid()}_{uuid.uuid4().hex[:8]}')

@@ -282,6 +282,15 @@ def test_group_run_skips_task_without_test_embeddings(data):
             run(data, 'lp', task, '--baseline', 'raw', '--epochs', '1')
 
 
+def test_group_run_without_any_test_embeddings_is_an_error(data):
+    """A group none of whose tasks has test embeddings (a wrong --data_path) stops with status 2 before
+    writing anything, instead of a table of skipped tasks and exit status 0 over an earlier run's results."""
+    out = os.path.join(data['root'], 'all_skipped')
+    with pytest.raises(EmbeddingError, match='no task of gone, none has test embeddings'):
+        run(data, 'lp', 'gone none', '--baseline', 'raw', '--epochs', '1', out='all_skipped')
+    assert not os.path.exists(os.path.join(out, 'results.json'))
+
+
 def test_bad_inputs_name_file_row_or_parameter(data):
     with pytest.raises(EmbeddingError, match=r'badlabel.train\.csv row 3 .*label 3 .*\[0, 3\)'):
         run(data, 'lp', 'badlabel', '--baseline', 'raw', '--epochs', '1')
