@@ -295,6 +295,11 @@ def main(args):
         keep_freed_memory()   # the heads' large gradients are reused, not faulted in again every step
     names = expand_tasks(args.task)
     in_group = len(names) > 1
+    for name in names:   # a name that is no task is bad input, found before any task runs
+        try:
+            get_task(name, args.data_path)
+        except ValueError as e:
+            raise InputError(f'argument --task: {e}') from None
     if in_group and not any(has_embeddings(os.path.join(args.data_path, n, 'test.csv')) for n in names):
         raise EmbeddingError(f'--data_path {args.data_path}: no task of {", ".join(names)} has test embeddings '
                              '(<task>/test.csv missing, without rows, or none of its embedding files exists)')

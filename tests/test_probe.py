@@ -291,6 +291,16 @@ def test_group_run_without_any_test_embeddings_is_an_error(data):
     assert not os.path.exists(os.path.join(out, 'results.json'))
 
 
+def test_unknown_task_is_an_input_error_before_any_task_runs(data):
+    """A task name that is neither built in nor a folder with a task.json is bad input (status 2, one
+    line), found before the other tasks run; it was a ValueError traceback after them."""
+    from util.errors import InputError
+    out = os.path.join(data['root'], 'unknown_task')
+    with pytest.raises(InputError, match="argument --task: unknown task 'nosuch'"):
+        run(data, 'lp', 'mix nosuch', '--baseline', 'raw', '--epochs', '1', out='unknown_task')
+    assert not os.path.exists(os.path.join(out, 'results.json'))
+
+
 def test_bad_inputs_name_file_row_or_parameter(data):
     with pytest.raises(EmbeddingError, match=r'badlabel.train\.csv row 3 .*label 3 .*\[0, 3\)'):
         run(data, 'lp', 'badlabel', '--baseline', 'raw', '--epochs', '1')
