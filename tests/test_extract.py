@@ -1219,3 +1219,33 @@ def test_hevc_file_starting_at_a_cra_with_rasl_frames(tmp_path):
         assert [k for k, _ in got] == [k for k, _ in ref]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref))
         assert stats['parts'] > 1
+
+
+def test_mpeg_ts_whose_clock_wraps_keeps_its_first_frames(tmp_path):
+    """An MPEG-TS whose 33-bit clock wraps 2 s in (FFmpeg gives the frames before the wrap negative
+    timestamps): the decode starts at the first packet, not at time 0 (``seek(0)`` skipped the first
+    2 s: window 0 took frame 20 eight times). Steps 1 and 3 see the same 4 s of frames."""
+    import av
+    from fractions import Fraction
+    from util.video import probe_video
+    path = str(tmp_path / 'wrap.ts')
+    with av.open(path, 'w') as c:
+        s = c.add_stream('libx264', rate=10, options={'threads': '1', 'x264-params': 'keyint=5:bframes=2:scenecut=0'})
+        s.width, s.height, s.pix_fmt = 64, 48, 'yuv420p'
+        s.codec_context.time_base = Fraction(1, 90000)
+        for i, f in enumerate(moving_texture_frames(4, 10, (64, 48))):
+            frame = av.VideoFrame.from_ndarray(f, 'rgb24')
+            frame.pts, frame.time_base = 2 ** 33 - 2 * 90000 + i * 9000, Fraction(1, 90000)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with av.open(path) as c:
+        shown = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]
+    info = probe_video(path)
+    assert (info.num_frames, info.duration) == (len(shown), 4.0) and len(shown) == 40
+    for skip in (True, False):
+        ours = list(decode_segments(path, [(0.0, 2.0), (2.0, 4.0)], skip=skip, raw=True))
+        assert [k for k, _ in ours] == [0, 1]
+        for (_, x), a in zip(ours, (0, 20)):
+            assert np.array_equal(x.numpy(), np.stack([shown[a + i] for i in frame_indices(20)]))

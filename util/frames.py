@@ -352,6 +352,13 @@ class _SeekMissed(Exception):
     """Seeking to an IDR picture landed after it (e.g. a Matroska file without an index)."""
 
 
+def _opened(path, index):
+    """``path`` opened again, at its first packet, its stream ``index`` decoded on one thread."""
+    container = av.open(path, metadata_errors='replace')
+    container.streams[index].codec_context.thread_count = 1
+    return container
+
+
 def _sampled(container, stream, todo, need, by_pts, count, start=None):
     """``(keys, frame)``: for the sorted frame keys ``todo``, each decoded frame that some of them take
     (a key takes the first frame output at or after it: a frame the decoder dropped is replaced by
@@ -396,27 +403,26 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
     they hold at most AHEAD_BYTES (``frame_bytes`` a frame). Decoding from an IDR picture is exact on
     an undamaged stream only: from the first part that is not decoded cleanly (a frame FFmpeg marks
     as corrupt, a decode error, data that ends early) the rest of the video is decoded front to back
-    from the file's start (``container``), as without parts: the same frames and errors as then."""
+    from the file's start (``container``, not read before), as without parts: the same frames and errors
+    as then."""
     def run(start, keys):  # the part's frames, or None if it is not decoded cleanly
         # a new container (and decoder) for each part: a decoder that decoded another part before keeps
         # state through the seek's flush that changes how it decodes damage in this part (seen with
         # HEVC), so the frames would depend on which parts the thread took before
-        with av.open(path, metadata_errors='replace') as own:
-            own_stream = own.streams[stream.index]
-            own_stream.codec_context.thread_count = 1  # as the file's own decode
-            n = [0, False]
-            try:
-                if start is not None:
+        n, out = [0, False], None
+        try:
+            if start is not None:
+                with _opened(path, stream.index) as own:
                     try:
-                        own.seek(start, stream=own_stream, backward=True, any_frame=False)
-                        out = list(_sampled(own, own_stream, keys, need, True, n, start))
+                        own.seek(start, stream=own.streams[stream.index], backward=True, any_frame=False)
+                        out = list(_sampled(own, own.streams[stream.index], keys, need, True, n, start))
                     except _SeekMissed:
-                        start = None  # this part from the file's start instead: slower, the same frames
-                if start is None:
-                    own.seek(0)
-                    out = list(_sampled(own, own_stream, keys, need, True, n))
-            except (av.FFmpegError, IndexError):
-                return None, n[0]
+                        pass  # this part from the file's start instead: slower, the same frames
+            if out is None:
+                with _opened(path, stream.index) as own:
+                    out = list(_sampled(own, own.streams[stream.index], keys, need, True, n))
+        except (av.FFmpegError, IndexError):
+            return None, n[0]
         return (None if n[1] or sum(len(k) for k, _ in out) < len(keys) else out), n[0]
 
     pool, queue, ahead = ThreadPoolExecutor(threads), deque(), [0]
@@ -448,7 +454,6 @@ def _sampled_in_parts(path, container, stream, parts, need, threads, count, fram
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if rest:
-        container.seek(0)
         yield from _sampled(container, stream, rest, need, True, count)
 
 
@@ -483,7 +488,12 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         stream.codec_context.thread_count = 1
         try:
             rate = float(stream.average_rate or stream.guessed_rate or 25)
-            keys, times, end_time, by_pts, idr, depth = _frame_keys(container, stream, rate)
+            # the packets are read from a container of their own: ``container`` is then decoded from its
+            # first packet without seeking back (``seek(0)`` goes to time 0, not to the first packet: in a
+            # file whose timestamps start below 0, as an MPEG-TS whose clock wrapped, it skips the frames
+            # before 0)
+            with _opened(path, stream.index) as index:
+                keys, times, end_time, by_pts, idr, depth = _frame_keys(index, index.streams[stream.index], rate)
         except (av.FFmpegError, IndexError) as e:  # IndexError: PyAV on a stream appearing mid-file
             raise DecodeError(f'{path}: read error ({e})') from None
         if not keys:
@@ -518,7 +528,6 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
                 frames = _sampled_in_parts(path, container, stream, parts, need, max(threads, 1), count,
                                            frame_bytes)
             else:  # one decoder thread: FFmpeg's threads conceal damage differently with each count and run
-                container.seek(0)
                 frames = _sampled(container, stream, todo, need, by_pts, count)
             for keys, x in frames:
                 h, w = x.shape[:2]
