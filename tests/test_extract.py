@@ -1249,3 +1249,30 @@ def test_mpeg_ts_whose_clock_wraps_keeps_its_first_frames(tmp_path):
         assert [k for k, _ in ours] == [0, 1]
         for (_, x), a in zip(ours, (0, 20)):
             assert np.array_equal(x.numpy(), np.stack([shown[a + i] for i in frame_indices(20)]))
+
+
+@pytest.mark.parametrize('kind', ['divx_packed', 'h264'])
+def test_avi_with_b_frames_in_presentation_order(tmp_path, kind):
+    """AVI keeps each chunk's time in decode order and no presentation time: FFmpeg guesses the pts,
+    and the decoder hands out frames of DivX's packed B-frames (Breakfast-era AVI) or of H.264 with
+    B-frames with guessed pts out of order, in the right order. Step 3 samples and step 1 --reencode
+    cuts the frames in the order shown (they used to take frames by those pts: a frame twice and its
+    neighbour never; --reencode wrote the 2-4 s file with one frame)."""
+    import av
+    from util.synthetic import write_divx_packed_avi
+    from util.video import reencode_segments
+    path = str(tmp_path / 'v.avi')
+    if kind == 'h264':
+        write_bframes(path, 4.0, {'threads': '1'}, fps=15, size=(64, 48))
+    else:
+        write_divx_packed_avi(path, moving_texture_frames(4.0, 15, (64, 48)), fps=15)
+    with av.open(path) as c:
+        decoded = list(c.decode(video=0))
+    shown, pts = np.stack([f.to_ndarray(format='rgb24') for f in decoded]), [f.pts for f in decoded]
+    assert len(shown) == 60 and pts != sorted(pts)  # the guessed pts: out of order
+    wins = [(i / 15, (i + 1) / 15) for i in range(60)]  # one frame each
+    for threads in (1, 2):
+        ours = list(decode_segments(path, wins, threads=threads, raw=True))
+        assert np.array_equal(np.stack([x[0].numpy() for _, x in ours]), shown)
+    files = [str(tmp_path / f'{k}.mp4') for k in range(2)]
+    assert reencode_segments(path, [(0.0, 2.0), (2.0, 4.0)], files) == [30, 30]

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from util.errors import InputError
-from util.video import video_stream
+from util.video import DTS_ONLY_FORMATS, video_stream, with_pts
 
 NUM_FRAMES = 8
 SIZE = 224
@@ -366,10 +366,10 @@ def _sampled(container, stream, todo, need, by_pts, count, start=None):
     ``_packets_then_flush``. ``count``: ``[frames decoded, whether FFmpeg marked one corrupt]``."""
     reformatter = VideoReformatter()
     nxt = 0
-    for pos, frame in enumerate(_packets_then_flush(container, stream, need, start)):
+    for pos, (frame, pts) in enumerate(with_pts(container, _packets_then_flush(container, stream, need, start))):
         count[0] += 1
         count[1] = count[1] or frame.is_corrupt
-        key = frame.pts if by_pts else pos
+        key = pts if by_pts else pos
         if key is None:
             continue
         end = bisect.bisect_right(todo, key, nxt)
@@ -512,7 +512,9 @@ def decode_segments(path, windows=None, num=NUM_FRAMES, threads=1, skip=True, st
         missing = [num] * len(spans)
         done = converted = 0
         count = [0, False]  # frames decoded, whether one was marked corrupt
-        need = set(todo) if skip and by_pts and stream.codec_context.name in SKIP_NONREF_CODECS else None
+        # (AVI: not skipping, as a frame's time is that of the packet which makes the decoder hand it out)
+        need = (set(todo) if skip and by_pts and stream.codec_context.name in SKIP_NONREF_CODECS
+                and container.format.name not in DTS_ONLY_FORMATS else None)
         # parts whatever the number of threads (the frames depend on the file alone), when the decoder
         # knows the reorder depth from the start (else FFmpeg learns it while decoding, dropping a
         # frame where it grows: a part would not) and every part is small enough

@@ -91,3 +91,45 @@ def cut_with_edit_list(src, dst, seconds):
             if p.dts is not None:
                 p.pts, p.dts, p.stream = p.pts - shift, p.dts - shift, t
                 o.mux(p)
+
+
+def write_divx_packed_avi(path, frames, fps=15):
+    """Encode ``frames`` (RGB arrays) as MPEG-4 part 2 with B-frames into an AVI the way DivX 5 stores
+    them, "packed": a reference frame and the B-frame shown before it in one chunk, then a chunk
+    holding a not-coded frame (N-VOP), so that every chunk gives one frame without delay; the stream
+    says so in its user data (``DivX503b1393p``). Returns the number of frames."""
+    codec = av.CodecContext.create('mpeg4', 'w')
+    packets = []
+    for i, rgb in enumerate(frames):
+        if i == 0:
+            codec.width, codec.height, codec.pix_fmt = rgb.shape[1], rgb.shape[0], 'yuv420p'
+            codec.time_base, codec.framerate, codec.max_b_frames = Fraction(1, fps), fps, 1
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format='rgb24').reformat(format='yuv420p')
+        frame.pts = i
+        packets += [(p.pts, bytes(p), p.is_keyframe) for p in codec.encode(frame)]
+    packets += [(p.pts, bytes(p), p.is_keyframe) for p in codec.encode(None)]
+    first = packets[0][1]  # the headers, lavc's user data, then the first frame: DivX's user data instead
+    i, j = first.index(b'\0\0\1\xb2'), first.index(b'\0\0\1\xb6')
+    packets[0] = (packets[0][0], first[:i] + b'\0\0\1\xb2DivX503b1393p' + first[j:], True)
+    # N-VOP: P type, modulo_time_base 0, marker, vop_time_increment 0, marker, vop_coded 0, stuffing
+    bits = '0101' + '0' * (fps - 1).bit_length() + '10'
+    bits += '0' + '1' * (-(len(bits) + 1) % 8)
+    nvop = b'\0\0\1\xb6' + int(bits, 2).to_bytes(len(bits) // 8, 'big')
+    chunks, k = [], 0
+    while k < len(packets):
+        pts, data, key = packets[k]
+        if k + 1 < len(packets) and packets[k + 1][0] < pts:  # a B-frame shown before this frame follows
+            chunks += [(data + packets[k + 1][1], key), (nvop, False)]
+            k += 2
+        else:
+            chunks.append((data, key))
+            k += 1
+    with av.open(str(path), 'w', format='avi') as container:
+        stream = container.add_stream('mpeg4', rate=fps)
+        stream.width, stream.height, stream.pix_fmt = codec.width, codec.height, 'yuv420p'
+        for n, (data, key) in enumerate(chunks):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, n, n, Fraction(1, fps)
+            packet.is_keyframe = key
+            container.mux(packet)
+    return len(packets)

@@ -27,6 +27,34 @@ def video_stream(container):
     return next((s for s in container.streams.video if not s.disposition & cover), None)
 
 
+# containers that store each frame's time in decode order (its chunk's dts) and no presentation time
+DTS_ONLY_FORMATS = {'avi'}
+
+
+def with_pts(container, frames):
+    """``(frame, pts)`` for the ``frames`` a decoder hands out from ``container``, in presentation order.
+    In AVI FFmpeg guesses every packet's pts, and with B-frames the decoder hands out frames whose
+    guessed pts are out of order (DivX's packed B-frames, a P-frame and the B-frame shown before it in
+    one chunk; H.264 with B-frames), in the right order: there a frame's pts is the time of the chunk
+    that made the decoder hand it out (its dts), less the decoder's delay (the first frame's dts less
+    its pts); the frames flushed at the end follow one chunk apart. Elsewhere the frame's own pts."""
+    if container.format.name not in DTS_ONLY_FORMATS:
+        for frame in frames:
+            yield frame, frame.pts
+        return
+    delay = pts = None
+    for frame in frames:
+        if frame.dts is not None:
+            if delay is None:
+                delay = 0 if frame.pts is None else frame.dts - frame.pts
+            pts = frame.dts - delay
+        elif pts is not None:
+            pts += 1  # AVI's time base: one tick a chunk
+        else:
+            pts = frame.pts
+        yield frame, pts
+
+
 @dataclass
 class VideoInfo:
     num_frames: int
@@ -162,12 +190,12 @@ def reencode_segments(path, windows, out_paths, codec='libx264'):
 
             def timed_frames():
                 origin = None
-                for i, frame in enumerate(container.decode(stream)):
-                    if frame.pts is None:
+                for i, (frame, pts) in enumerate(with_pts(container, container.decode(stream))):
+                    if pts is None:
                         yield Fraction(i) / rate, frame
                         continue
-                    origin = frame.pts if origin is None else origin
-                    yield (frame.pts - origin) * tb, frame
+                    origin = pts if origin is None else origin
+                    yield (pts - origin) * tb, frame
 
             def window_of(item):
                 k = bisect.bisect_right(starts, item[0]) - 1
