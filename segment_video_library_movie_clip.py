@@ -94,7 +94,7 @@ def process_video(item, segment_sec, min_last_sec, reencode_dir=None):
         seg_paths = [''] * len(windows)
         if reencode_dir:
             seg_paths = [segment_file(reencode_dir, vid, s, e) for s, e in windows]
-            reencode_segments(path, windows, seg_paths)
+            reencode_segments(path, windows, seg_paths, timed=info.timed)
     except VideoError as e:
         return [], str(e)
     except Exception as e:  # noqa: BLE001 -- one video never stops the others (a name too long, a full disk)

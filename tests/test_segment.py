@@ -423,6 +423,34 @@ def test_cover_picture_is_not_the_video(tmp_path):
         probe_video(str(tmp_path / 'song.mp4'))
 
 
+def test_frames_without_timestamps_are_timed_by_position(tmp_path):
+    """Matroska gives no timestamp to the frames before time 0 (a file cut with its timestamps kept):
+    step 3 then times every frame by its position, so step 1 does too: the duration is frames / fps
+    (it used to span the timed frames only, leaving the rest of the video out) and --reencode cuts
+    the windows by position."""
+    from fractions import Fraction
+    from util.video import reencode_segments
+    path = str(tmp_path / 'cut.mkv')
+    with av.open(path, 'w', options={'avoid_negative_ts': 'disabled'}) as c:
+        s = c.add_stream('libx264', rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, 'yuv420p'
+        s.codec_context.time_base = Fraction(1, 1000)
+        for i, f in enumerate(color_frames(8.0)):
+            frame = av.VideoFrame.from_ndarray(f, format='rgb24')
+            frame.pts, frame.time_base = i * 100 - 3000, Fraction(1, 1000)  # starts at -3 s
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with av.open(path) as c:
+        assert sum(p.pts is None for p in c.demux(c.streams.video[0]) if p.size) == 30
+    info = probe_video(path)
+    assert (info.num_frames, info.duration, info.timed) == (80, 8.0, False)
+    windows = segment_windows(info.duration)
+    outs = [str(tmp_path / f'{k}.mp4') for k in range(len(windows))]
+    assert reencode_segments(path, windows, outs, timed=info.timed) == [50, 30]
+
+
 def test_avi_with_dropped_frames_is_not_truncated(tmp_path):
     """AVI stores a dropped frame as an empty chunk: counted in the header, never demuxed."""
     path = str(tmp_path / 'drop.avi')

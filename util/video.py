@@ -62,6 +62,7 @@ class VideoInfo:
     duration: float
     width: int
     height: int
+    timed: bool = True  # every frame has a presentation time (else frames are timed by position: n / fps)
 
 
 def probe_video(path):
@@ -89,7 +90,7 @@ def _probe(container):
     rate = stream.average_rate or stream.guessed_rate
     tb = stream.time_base
     frame_ticks = round(1 / (rate * tb)) if rate and tb else 0
-    n, first, end, decoded = 0, None, None, False
+    n, first, end, decoded, untimed = 0, None, None, False, False
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
@@ -97,6 +98,7 @@ def _probe(container):
             t = packet.pts if packet.pts is not None else packet.dts
             if not packet.is_discard:  # (an edit list's frames before its start: decoded, never shown)
                 n += 1
+                untimed = untimed or packet.pts is None
                 if t is not None:
                     first = t if first is None else min(first, t)
                     end = max(end or t, t + (packet.duration or frame_ticks))
@@ -110,7 +112,9 @@ def _probe(container):
         raise VideoError('video stream has no frames')
     if not decoded:
         raise VideoError(f'no frame of its {n} could be decoded')
-    if first is None or not tb or end <= first:
+    if untimed and rate:  # a frame without presentation time: step 3 times every frame by its position
+        duration = float(n / rate)
+    elif first is None or not tb or end <= first:
         if not rate:
             raise VideoError('no timestamps and no frame rate: duration unknown')
         duration = float(n / rate)
@@ -129,7 +133,8 @@ def _probe(container):
     elif short:
         raise VideoError(f'truncated: header says {stream.frames} frames, only {n} found')
     fps = float(rate) if rate else n / duration
-    return VideoInfo(num_frames=n, fps=fps, duration=duration, width=stream.width, height=stream.height)
+    return VideoInfo(num_frames=n, fps=fps, duration=duration, width=stream.width, height=stream.height,
+                     timed=not untimed)
 
 
 def _stated_end(container, stream):
@@ -171,9 +176,10 @@ def segment_file(out_dir, video_id, start, end):
     return os.path.join(out_dir, video_id, f'{format_time(start)}-{format_time(end)}', 'video.mp4')
 
 
-def reencode_segments(path, windows, out_paths, codec='libx264'):
+def reencode_segments(path, windows, out_paths, codec='libx264', timed=True):
     """Write the frames of each window ``[start, end)`` of ``path`` to its own H.264 mp4 (so each
     file starts with a keyframe and holds exactly its window's frames), decoding the video once.
+    ``timed``: ``VideoInfo.timed`` (False: every frame timed by its position, as step 3 does then).
     Files are written atomically; those already present are complete and kept. Returns the number
     of frames written per window (0 for kept files)."""
     counts = [0] * len(windows)
@@ -191,7 +197,7 @@ def reencode_segments(path, windows, out_paths, codec='libx264'):
             def timed_frames():
                 origin = None
                 for i, (frame, pts) in enumerate(with_pts(container, container.decode(stream))):
-                    if pts is None:
+                    if pts is None or not timed:
                         yield Fraction(i) / rate, frame
                         continue
                     origin = pts if origin is None else origin
