@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -299,6 +300,21 @@ def test_unknown_task_is_an_input_error_before_any_task_runs(data):
     with pytest.raises(InputError, match="argument --task: unknown task 'nosuch'"):
         run(data, 'lp', 'mix nosuch', '--baseline', 'raw', '--epochs', '1', out='unknown_task')
     assert not os.path.exists(os.path.join(out, 'results.json'))
+
+
+@pytest.mark.parametrize('content, reason', [('{"name": "x", "num', 'JSONDecodeError'),
+                                             ('{"name": "x"}', "KeyError: 'num_classes'"),
+                                             ('{"name": "x", "num_classes": [3]}', 'TypeError'),
+                                             ('[1, 2]', 'TypeError')])
+def test_task_json_that_is_not_a_task_names_its_file(tmp_path, content, reason):
+    """A task.json edited by hand or cut short: one line naming the file (a KeyError or TypeError
+    used to be a traceback, a JSON error a message without the file)."""
+    from util.tasks import get_task
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'task.json').write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f'{tmp_path / "mine" / "task.json"}: not a task definition')
+                       + '.*' + re.escape(reason)):
+        get_task('mine', str(tmp_path))
 
 
 def test_bad_inputs_name_file_row_or_parameter(data):

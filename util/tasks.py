@@ -64,10 +64,14 @@ def get_task(name, data_path=None):
     if data_path is not None:
         p = os.path.join(data_path, name, 'task.json')
         if os.path.isfile(p):
-            with open(p) as f:
-                d = json.load(f)
-            return Task(d['name'], int(d['num_classes']), bool(d.get('regression', False)),
-                        list(d.get('class_names', [])))
+            try:
+                with open(p, encoding='utf-8') as f:
+                    d = json.load(f)
+                return Task(d['name'], int(d['num_classes']), bool(d.get('regression', False)),
+                            list(d.get('class_names', [])))
+            except (ValueError, KeyError, TypeError) as e:  # not JSON, not UTF-8, a key missing, a wrong type
+                raise ValueError(f'{p}: not a task definition as step 4 writes it '
+                                 f'({type(e).__name__}: {e})') from None
     task = builtin_task(name)
     if task is None:
         raise ValueError(f'unknown task {name!r}: not one of {", ".join(GROUPS["all"])} and no '
