@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from util.embeddings import (EmbeddingError, encoder_name, is_complete, same_encoder, save_video_embeddings,
-                             store_encoder)
+                             store_encoder, video_bytes)
 from util.errors import InputError, run_main
 from util.fileio import atomic_write_text, remove_stale_temporaries
 from util.frames import NUM_FRAMES, SIZE, DecodeError, decode_segments, transform
@@ -299,6 +299,9 @@ def write_store(job, emb, model_name, random_init, segment_sec):
     segs = job['segments']
     meta = {'video_id': job['video_id'], 'model': model_name, 'random_init': '1' if random_init else '0',
             'segment_sec': segment_sec, 'num_frames_per_segment': NUM_FRAMES}
+    size = video_bytes(job['video_path'])
+    if size is not None and not any(s.get('path') for s in segs):  # (not from --reencode segment files)
+        meta['video_bytes'] = size  # steps 2 and 3 redo the video when its file changes size
     save_video_embeddings(job['output_path'], emb, [s['start'] for s in segs], [s['end'] for s in segs], meta)
 
 
@@ -345,7 +348,8 @@ def main(args):
     share = all_jobs[rank::world]
     model_name = f'random_init:{args.random_init}' if args.random_init else args.model_path
     check_encoder(share, model_name, args.random_init, args.overwrite, log, spec.get('complete_encoders', []))
-    jobs = [j for j in share if not is_complete(j['output_path'], j['segments'], model_name, args.random_init)]
+    jobs = [j for j in share
+            if not is_complete(j['output_path'], j['segments'], model_name, args.random_init, j['video_path'])]
     skipped = len(share) - len(jobs)
     failure_file = failures_path(args.video_path_file, spec, all_jobs)
     # killed writes: also those of videos finished since, and of the failures and end-job files

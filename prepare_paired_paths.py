@@ -16,7 +16,8 @@ import os
 
 import pandas as pd
 
-from util.embeddings import EmbeddingError, embedding_path, encoder_name, is_complete, store_encoder
+from util.embeddings import (EmbeddingError, embedding_path, encoder_name, is_complete, store_encoder,
+                             video_changed)
 from util.errors import InputError, run_main
 from util.fileio import atomic_write_text
 
@@ -124,8 +125,9 @@ def main(args):
     embedding_dir = os.path.abspath(args.embedding_dir)
     for job in jobs:
         job['output_path'] = embedding_path(embedding_dir, job['video_id'])
-    complete = [is_complete(j['output_path'], j['segments']) for j in jobs]
+    complete = [is_complete(j['output_path'], j['segments'], video_path=j['video_path']) for j in jobs]
     todo = [j for j, c in zip(jobs, complete) if not c]
+    changed = sum(video_changed(j['output_path'], j['video_path']) for j in todo)
     done = encoders([j['output_path'] for j, c in zip(jobs, complete) if c])
 
     out_json = args.out_json or os.path.join(os.path.dirname(os.path.abspath(args.segments_csv)),
@@ -146,7 +148,8 @@ def main(args):
             raise InputError(f'{path}: cannot write the job file ({e.strerror or e})') from None
         print(f'{path}: {len(shard)} videos, {sum(len(j["segments"]) for j in shard)} segments')
     print(f'{len(jobs)} videos in {args.segments_csv}: {len(jobs) - len(todo)} already complete in '
-          f'{embedding_dir} (left out), {len(todo)} to do')
+          f'{embedding_dir} (left out), {len(todo)} to do'
+          + (f' ({changed} of them embedded before from a video file of another size: redone)' if changed else ''))
     for e in done:
         print(f'  {e["files"]} complete file(s) by {encoder_name(e["model"], e["random_init"])}')
     return files

@@ -337,6 +337,45 @@ def one_job_file(path, emb_dir, videos):
     return path
 
 
+def test_video_replaced_by_another_file_is_redone(library, tmp_path, capsys):
+    """Steps 2 and 3 used to take a video replaced by another file of the same length (segments and
+    times unchanged) as done: step 3 now records the video file's size in the store, and a store of a
+    video whose file has another size is redone."""
+    import prepare_paired_paths as step2
+    import segment_video_library_movie_clip as step1
+    videos, seg, emb = tmp_path / 'videos', tmp_path / 'seg', tmp_path / 'emb'
+    videos.mkdir()
+    for name in ('a.mp4', 'c.mp4'):
+        shutil.copy(library / name, videos / name)
+    step1.main(step1.get_args_parser().parse_args(['--video_dir', str(videos), '--output_dir', str(seg),
+                                                   '--num_workers', '0']))
+    step2_args = step2.get_args_parser().parse_args(['--segments_csv', str(seg / 'segments_metadata.csv'),
+                                                     '--embedding_dir', str(emb)])
+    step2.main(step2_args)
+    assert run(seg / 'paired_paths.json', '--num_workers', '0')['written'] == 2
+    assert read_metadata(str(emb / 'a.safetensors'))['video_bytes'] == str(os.path.getsize(videos / 'a.mp4'))
+    old = (emb / 'a.safetensors').read_bytes()
+    write_video(videos / 'a.mp4', color_frames(12.3, fps=10, size=(64, 48), seed=7), fps=10)  # same length
+    assert os.path.getsize(videos / 'a.mp4') != os.path.getsize(library / 'a.mp4')
+    capsys.readouterr()
+    step2.main(step2_args)
+    assert [j['video_id'] for j in json.loads((seg / 'paired_paths.json').read_text())['jobs']] == ['a']
+    assert '(1 of them embedded before from a video file of another size: redone)' in capsys.readouterr().out
+    summary = run(seg / 'paired_paths.json', '--num_workers', '0')
+    assert summary['written'] == 1 and (emb / 'a.safetensors').read_bytes() != old
+    fresh = one_job_file(tmp_path / 'fresh.json', tmp_path / 'fresh', [('a', videos / 'a.mp4', windows(12.3))])
+    run(fresh, '--num_workers', '0')
+    assert torch.equal(load_video_embeddings(str(emb / 'a.safetensors')),  # the new video's embeddings
+                       load_video_embeddings(str(tmp_path / 'fresh' / 'a.safetensors')))
+    step2.main(step2_args)  # and now it is complete
+    assert json.loads((seg / 'paired_paths.json').read_text())['jobs'] == []
+    # embedded from --reencode segment files: they, not the video, would have to be redone
+    reencoded = dict(video_id='a', video_path=str(videos / 'a.mp4'), output_path=str(tmp_path / 'r.safetensors'),
+                     segments=[dict(start=0.0, end=5.0, path=str(tmp_path / 'a' / '0-5' / 'video.mp4'))])
+    step3.write_store(reencoded, torch.ones(1, 4), 'random_init:tiny', 'tiny', 5.0)
+    assert 'video_bytes' not in read_metadata(str(tmp_path / 'r.safetensors'))
+
+
 def test_store_of_another_encoder_is_refused_or_overwritten(library, tmp_path):
     emb = tmp_path / 'emb'
     jobs = one_job_file(tmp_path / 'jobs.json', emb, [('a', library / 'a.mp4', windows(12.3))])

@@ -99,11 +99,30 @@ def store_encoder(path):
     return meta.get('model'), meta.get('random_init')
 
 
-def is_complete(path, segments, model=None, random_init=None):
+def video_bytes(video_path):
+    """The size of the video file, as step 3 records it in the store's ``video_bytes`` metadata
+    (None when the file is not there, e.g. only its ``--reencode`` segment files are)."""
+    return str(os.path.getsize(video_path)) if video_path and os.path.isfile(video_path) else None
+
+
+def video_changed(path, video_path):
+    """Whether the store file at ``path`` was written from a video file of another size than
+    ``video_path`` has now (replaced since; False when either size is unknown, as in files written
+    before step 3 recorded it)."""
+    try:
+        recorded = read_metadata(path).get('video_bytes')
+    except (SafetensorError, OSError, ValueError):
+        return False
+    now = video_bytes(video_path)
+    return recorded is not None and now is not None and recorded != now
+
+
+def is_complete(path, segments, model=None, random_init=None, video_path=None):
     """True when the store file at ``path`` loads and holds one embedding per segment with the same
     start and end times (``segments``: dicts with ``start`` and ``end``). With ``model`` given, the
     file must also have been written by that encoder: its ``model`` metadata names the same checkpoint
-    (``same_encoder``) and its ``random_init`` flag equals ``random_init`` (true for random weights)."""
+    (``same_encoder``) and its ``random_init`` flag equals ``random_init`` (true for random weights).
+    With ``video_path`` given, the video must not have changed since (``video_changed``)."""
     if not os.path.isfile(path):
         return False
     try:
@@ -112,6 +131,8 @@ def is_complete(path, segments, model=None, random_init=None):
     except EmbeddingError:
         return False
     if model is not None and not (same_encoder(recorded, model) and rand == ('1' if random_init else '0')):
+        return False
+    if video_changed(path, video_path):
         return False
     return (emb.shape[0] == len(segments)
             and np.allclose(starts.numpy(), [s['start'] for s in segments], rtol=0, atol=1e-6)
