@@ -433,6 +433,9 @@ def main(args):
             if 'DataLoader worker (pid' not in str(e):
                 raise
             return str(e).strip().splitlines()[0]
+        except (EOFError, ConnectionError) as e:  # an item's tensors are received from the worker that
+            # sent it (file descriptors over a socket): it died meanwhile, before it could be seen dead
+            return f'DataLoader worker died while its data was received ({type(e).__name__})'
         return None
 
     while (crash := consume(loader)) is not None:

@@ -506,6 +506,40 @@ def test_decoding_process_that_dies_fails_its_video_only(library, tmp_path, monk
     assert not (emb / 'b.safetensors').exists()
 
 
+def test_decoding_process_that_dies_while_its_item_is_received(library, tmp_path, monkeypatch):
+    """The main process receives an item's tensors from the worker that sent it (their file
+    descriptors, over a socket): a worker that dies meanwhile gives EOFError or ConnectionResetError,
+    before it is seen dead. That is a death like the others: its video fails, the others are written
+    (the error stopped the run)."""
+    import multiprocessing.reduction
+    import signal
+    from torch.utils.data import get_worker_info
+    videos = [(v, library / VIDEOS[v][3], windows(VIDEOS[v][0])) for v in ('a', 'b', 'c')]
+    real_segments, real_send, dying = step3.job_segments, multiprocessing.reduction.send_handle, []
+
+    def segments(job, *args, **kwargs):
+        for i, x in real_segments(job, *args, **kwargs):
+            if get_worker_info() is not None and job['video_id'] == 'b':
+                dying.append(True)  # in this worker: it dies as it hands out b's tensors
+            yield i, x
+
+    def send_handle(conn, handle, pid):  # in the worker's thread that hands out its tensors
+        if dying:
+            conn.close()  # the main process gets EOFError, then the worker dies
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_send(conn, handle, pid)
+
+    monkeypatch.setattr(step3, 'job_segments', segments)
+    monkeypatch.setattr(multiprocessing.reduction, 'send_handle', send_handle)
+    emb = tmp_path / 'emb'
+    summary = run(one_job_file(tmp_path / 'jobs.json', emb, videos), '--num_workers', '2')
+    assert (summary['written'], summary['failed']) == (2, 1)
+    failures = pd.read_csv(emb / 'failed_jobs.csv')
+    assert failures['video_id'].tolist() == ['b'] and failures['reason'][0].startswith('its decoding process died (')
+    assert sorted(os.listdir(emb)) == ['a.safetensors', 'c.safetensors', 'failed_jobs.csv']
+
+
 def write_vfr(path, segments, fps=10, size=(64, 48)):
     """A variable-frame-rate mp4: frames at ``fps`` during each ``(start, end)`` of ``segments`` only."""
     from fractions import Fraction
