@@ -128,8 +128,10 @@ def in_processes(work, items, num_workers, bar):
 
     def run(todo, workers):  # None, or the error's message when a process died
         with ProcessPoolExecutor(workers, initializer=_remember, initargs=(started,)) as pool:
-            futures = {pool.submit(_tracked, work, i, items[i]): i for i in todo}
+            futures = {}
             try:
+                for i in todo:  # (a process may die before all are handed out: submit then raises)
+                    futures[pool.submit(_tracked, work, i, items[i])] = i
                 for f in as_completed(futures):
                     results[futures[f]] = f.result()
                     bar.update()

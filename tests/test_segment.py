@@ -138,6 +138,40 @@ def test_worker_process_that_dies_fails_its_video_only(library, segmented, tmp_p
     assert len(reasons) == 5 and reasons[str(library / 'long.mkv')].startswith('its process died (')
 
 
+def test_worker_process_that_dies_while_videos_are_handed_out(library, segmented, tmp_path, monkeypatch):
+    """A process that dies before every video has been handed to the pool (the first video crashing
+    FFmpeg at once, in a library of thousands): the pool refuses the next ones (BrokenProcessPool from
+    submit), which stopped the run; its video fails and the others are probed."""
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor, wait
+    real, first = step1.probe_video, str(library / 'P03/cam01/P03_cereals.mp4')
+
+    def dying(path):
+        if multiprocessing.parent_process() is not None and path == first:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path)
+
+    class Pool(ProcessPoolExecutor):  # the first pool breaks after its first video is handed out
+        broke = []
+
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            if not self.broke:
+                self.broke.append(wait([future], timeout=30))
+            return future
+
+    monkeypatch.setattr(step1, 'probe_video', dying)
+    monkeypatch.setattr(step1, 'ProcessPoolExecutor', Pool)
+    run_step1(library, tmp_path / 'out', '--num_workers', '2')
+    ref = pd.read_csv(segmented / 'segments_metadata.csv', keep_default_na=False)
+    got = pd.read_csv(tmp_path / 'out' / 'segments_metadata.csv', keep_default_na=False)
+    pd.testing.assert_frame_equal(got, ref[ref.video_path != first].reset_index(drop=True))
+    bad = pd.read_csv(tmp_path / 'out' / 'bad_videos.csv')
+    reasons = dict(zip(bad.video_path, bad.reason))
+    assert len(reasons) == 5 and reasons[first].startswith('its process died (')
+
+
 def test_summary_and_in_process_run_agree(library, segmented, tmp_path, capsys):
     run_step1(library, tmp_path, '--num_workers', '0')
     out = capsys.readouterr().out
