@@ -172,6 +172,33 @@ def test_worker_process_that_dies_while_videos_are_handed_out(library, segmented
     assert len(reasons) == 5 and reasons[first].startswith('its process died (')
 
 
+def test_reencode_process_that_dies_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """--reencode: a process killed while writing a segment file leaves its temporary file (nothing in
+    it runs after a kill); the video is re-encoded again (in the same run) and that file is removed
+    then (it used to stay for good, also through later runs)."""
+    import multiprocessing
+    import signal
+    from util import video
+    for name, sec in (('a', 6.0), ('b', 3.0)):
+        (tmp_path / 'v').mkdir(exist_ok=True)
+        write_video(tmp_path / 'v' / f'{name}.mp4', color_frames(sec), fps=10)
+    real, once = video._encode, tmp_path / 'killed_once'
+
+    def dying(tmp, *args):
+        if multiprocessing.parent_process() is not None and '/a/5-' in tmp and not once.exists():
+            once.touch()
+            with open(tmp, 'wb') as f:
+                f.write(b'half a file')
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(tmp, *args)
+
+    monkeypatch.setattr(video, '_encode', dying)
+    segments, bad = run_step1(tmp_path / 'v', tmp_path / 'out', '--reencode', '--num_workers', '1')
+    assert once.exists() and not bad and len(segments) == 3
+    assert sorted(p.relative_to(tmp_path / 'out').as_posix() for p in (tmp_path / 'out').rglob('*') if p.is_file()) == [
+        'a/0-5/video.mp4', 'a/5-6/video.mp4', 'b/0-3/video.mp4', 'bad_videos.csv', 'segments_metadata.csv']
+
+
 def test_summary_and_in_process_run_agree(library, segmented, tmp_path, capsys):
     run_step1(library, tmp_path, '--num_workers', '0')
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ import numpy as np
 from av.video.frame import PictureType
 
 from util.errors import InputError
-from util.fileio import atomic_write
+from util.fileio import atomic_write, remove_stale_temporaries
 
 
 class VideoError(InputError, ValueError):
@@ -180,8 +180,10 @@ def reencode_segments(path, windows, out_paths, codec='libx264', timed=True):
     """Write the frames of each window ``[start, end)`` of ``path`` to its own H.264 mp4 (so each
     file starts with a keyframe and holds exactly its window's frames), decoding the video once.
     ``timed``: ``VideoInfo.timed`` (False: every frame timed by its position, as step 3 does then).
-    Files are written atomically; those already present are complete and kept. Returns the number
-    of frames written per window (0 for kept files)."""
+    Files are written atomically; those already present are complete and kept, and the temporary
+    files a process that died left for them are removed. Returns the number of frames written per
+    window (0 for kept files)."""
+    remove_stale_temporaries(out_paths)
     counts = [0] * len(windows)
     todo = [not os.path.isfile(p) for p in out_paths]
     if not any(todo):
