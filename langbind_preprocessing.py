@@ -448,7 +448,8 @@ def main(args):
         todo = [j for j in todo if j not in done]
         batcher = new_batcher(todo)  # the videos under way are decoded again
         for j in suspects:  # each alone in a process of its own: the video that kills it again fails
-            if (alone := consume(decoding([j], 1)[0])) is not None:
+            # (unless it was written first: the process died after handing out its last segment)
+            if (alone := consume(decoding([j], 1)[0])) is not None and j not in done:
                 fail(j, f'its decoding process died ({alone})')
         todo = [j for j in todo if j not in done]
         loader, current = decoding(todo, args.num_workers)

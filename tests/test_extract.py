@@ -540,6 +540,47 @@ def test_decoding_process_that_dies_while_its_item_is_received(library, tmp_path
     assert sorted(os.listdir(emb)) == ['a.safetensors', 'c.safetensors', 'failed_jobs.csv']
 
 
+def test_video_written_before_its_decoding_process_died_is_not_failed(library, tmp_path, monkeypatch):
+    """A video decoded again alone after a death, whose process dies once every segment has been
+    handed out (FFmpeg crashing as it closes the file): its file is written, and it is not listed as
+    failed too (it was counted both written and failed)."""
+    import multiprocessing.reduction
+    import signal
+    from torch.utils.data import get_worker_info
+    videos = [(v, library / VIDEOS[v][3], windows(VIDEOS[v][0])) for v in ('a', 'b', 'c')]
+    real_segments, real_send, dying, sent = step3.job_segments, multiprocessing.reduction.send_handle, [], []
+
+    def segments(job, *args, **kwargs):
+        info = get_worker_info()
+        alone = info is not None and info.num_workers == 1
+        for i, x in real_segments(job, *args, **kwargs):
+            if info is not None and job['video_id'] == 'b' and not alone:
+                dying.append(True)  # among 2 workers: it dies as it hands out b's first segment
+            yield i, x
+        if alone and job['video_id'] == 'b':  # alone: it dies once the main process has b's segments
+            deadline = time.time() + 30
+            while len(sent) < len(job['segments']) and time.time() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def send_handle(conn, handle, pid):  # as in test_decoding_process_that_dies_while_its_item_is_received
+        if dying:
+            conn.close()
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_send(conn, handle, pid)
+        sent.append(True)  # (one segment a chunk)
+
+    monkeypatch.setattr(step3, 'job_segments', segments)
+    monkeypatch.setattr(multiprocessing.reduction, 'send_handle', send_handle)
+    monkeypatch.setattr(step3, 'CHUNK', 1)
+    emb = tmp_path / 'emb'
+    summary = run(one_job_file(tmp_path / 'jobs.json', emb, videos), '--num_workers', '2', '--batch_size', '2')
+    assert (summary['written'], summary['failed']) == (3, 0)
+    assert pd.read_csv(emb / 'failed_jobs.csv').empty
+    assert sorted(os.listdir(emb)) == ['a.safetensors', 'b.safetensors', 'c.safetensors', 'failed_jobs.csv']
+
+
 def write_vfr(path, segments, fps=10, size=(64, 48)):
     """A variable-frame-rate mp4: frames at ``fps`` during each ``(start, end)`` of ``segments`` only."""
     from fractions import Fraction
