@@ -362,6 +362,8 @@ def main(args):
     start, first = time.time(), []  # work time: from here (decoding starts) to the last file written
     raw = args.transform_on == 'device' or (args.transform_on == 'auto' and device.type == 'cuda')
 
+    sigchld = []  # DataLoader's SIGCHLD handler, put back at the end
+
     def decoding(order, num_workers):
         """The decoding workers of the jobs ``order`` (started now) and the job each is on."""
         current = multiprocessing.Array('q', [-1] * max(num_workers, 1), lock=False)
@@ -370,7 +372,8 @@ def main(args):
         if num_workers and threading.current_thread() is threading.main_thread():
             # DataLoader's SIGCHLD handler raises a worker's death at any point of this process (in the
             # middle of writing a file, of loading the model); without it, the next item raises it
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            sigchld[:] = sigchld or [handler]
         return loader, current
 
     todo = list(range(len(jobs)))
@@ -454,6 +457,8 @@ def main(args):
         todo = [j for j in todo if j not in done]
         loader, current = decoding(todo, args.num_workers)
     bar.close()
+    if sigchld:  # (no worker of this run is left)
+        signal.signal(signal.SIGCHLD, sigchld[0])
 
     totals = torch.tensor([len(share), skipped, written, len(failed), segments, minutes], dtype=torch.float64)
     failures = [dict(video_id=jobs[j]['video_id'], video_path=jobs[j]['video_path'], reason=r)

@@ -12,9 +12,10 @@ import os
 import sys
 import tempfile
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
+from itertools import islice
 
 import pandas as pd
 from tqdm import tqdm
@@ -127,21 +128,26 @@ def in_processes(work, items, num_workers, bar):
     started = multiprocessing.Array('b', len(items), lock=False)
 
     def run(todo, workers):  # None, or the error's message when a process died
+        # at most 4 items a process handed out at a time: a death then costs those, not the whole library
         with ProcessPoolExecutor(workers, initializer=_remember, initargs=(started,)) as pool:
-            futures = {}
+            pending, rest = {}, iter(todo)
             try:
-                for i in todo:  # (a process may die before all are handed out: submit then raises)
-                    futures[pool.submit(_tracked, work, i, items[i])] = i
-                for f in as_completed(futures):
-                    results[futures[f]] = f.result()
-                    bar.update()
-            except BrokenProcessPool as e:
-                for f, i in futures.items():  # those that finished before it broke
-                    if results[i] is None and f.done() and f.exception() is None:
+                while True:
+                    for i in islice(rest, 4 * workers - len(pending)):
+                        pending[pool.submit(_tracked, work, i, items[i])] = i
+                    if not pending:
+                        return None
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        results[pending[f]] = f.result()
+                        del pending[f]
+                        bar.update()
+            except BrokenProcessPool as e:  # (from result(), or from submit once a process died)
+                for f, i in pending.items():  # those that finished before it broke
+                    if f.done() and f.exception() is None:
                         results[i] = f.result()
                         bar.update()
                 return str(e)
-        return None
 
     todo = list(range(len(items)))
     while (crash := run(todo, num_workers)) is not None:

@@ -504,6 +504,7 @@ def test_decoding_process_that_dies_fails_its_video_only(library, tmp_path, monk
     for vid in ('a', 'c'):
         assert (emb / f'{vid}.safetensors').read_bytes() == (reference / f'{vid}.safetensors').read_bytes()
     assert not (emb / 'b.safetensors').exists()
+    assert callable(signal.getsignal(signal.SIGCHLD))  # DataLoader's handler, off during the run, is back
 
 
 def test_decoding_process_that_dies_while_its_item_is_received(library, tmp_path, monkeypatch):
