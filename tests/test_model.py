@@ -399,3 +399,16 @@ def test_atomic_write_flushes_the_data_before_the_rename(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / 'checkpoint-1.pth', {'model': tiny().state_dict()})
     size = os.path.getsize(tmp_path / 'checkpoint-1.pth')
     assert events == [('fsync', size), ('replace', size)]
+
+
+def test_same_checkpoint_same_bytes(tmp_path):
+    """The same state saved twice gives the same file: torch.save named the archive's records after the
+    file it wrote, the temporary file's random name (``.checkpoint-1.pth.<random>/data.pkl``), so two
+    runs of the same command wrote checkpoints of other bytes (and other sha256 in the probes' results)."""
+    torch.manual_seed(0)
+    state = {'model': tiny().state_dict(), 'epoch': 1}
+    save_checkpoint(tmp_path / 'checkpoint-1.pth', state)
+    first = (tmp_path / 'checkpoint-1.pth').read_bytes()
+    save_checkpoint(tmp_path / 'checkpoint-1.pth', state)
+    assert (tmp_path / 'checkpoint-1.pth').read_bytes() == first
+    assert b'.tmp' not in first and b'checkpoint-1.pth.' not in first

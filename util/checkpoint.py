@@ -34,7 +34,13 @@ def scaler_state(scaler):
 
 
 def save_checkpoint(path, state):
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """``state`` to ``path``, written atomically. Saved through a file object: given a path,
+    ``torch.save`` names the archive's records after the file (here the temporary file's random name),
+    so the same state gave other bytes at every save."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path, trust=False):
