@@ -25,6 +25,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -320,6 +321,13 @@ def set_threads(device, threads=None):
         torch.backends.cudnn.benchmark = False
 
 
+def without_pids(message):
+    """A DataLoader's death message without its process ids (``DataLoader worker (pid(s) 123) exited
+    unexpectedly`` -> ``DataLoader worker exited unexpectedly``): the failures file of a rerun on the
+    same crashing video is then the same."""
+    return re.sub(r' \(pids?(?:\(s\))? [\d, ]+\)', '', message)
+
+
 def gather(obj, world):
     """Every rank's ``obj`` as a list (a one-item list in one process)."""
     if world == 1:
@@ -453,7 +461,7 @@ def main(args):
         for j in suspects:  # each alone in a process of its own: the video that kills it again fails
             # (unless it was written first: the process died after handing out its last segment)
             if (alone := consume(decoding([j], 1)[0])) is not None and j not in done:
-                fail(j, f'its decoding process died ({alone})')
+                fail(j, f'its decoding process died ({without_pids(alone)})')
         todo = [j for j in todo if j not in done]
         loader, current = decoding(todo, args.num_workers)
     bar.close()
