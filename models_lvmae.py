@@ -3,8 +3,9 @@
 Tokens are the unit-norm embeddings of consecutive 5-second segments of one video. Sequences in a
 batch have different lengths: ``x`` is ``[B, L, D]`` with zeros past each video's length and
 ``lengths`` is ``[B]``. Padding never takes part in attention, the loss or a pool, so a video's
-result does not depend on the rest of its batch. The encoder sees only the visible tokens, each with
-the position embedding of its original place; masking, gathering and restoring are batched.
+result does not depend on the rest of its batch beyond float rounding. The encoder sees only the
+visible tokens, each with the position embedding of its original place; masking, gathering and
+restoring are batched.
 """
 from functools import partial
 
