@@ -241,6 +241,7 @@ def train(args):
     if args.fp16 and device.type != 'cuda':
         print('--fp16 is for GPUs; training in fp32 on CPU')
     scaler = torch.amp.GradScaler('cuda', enabled=args.fp16 and device.type == 'cuda')
+    start_flag = args.start_epoch   # what the checkpoints record, also after resuming (at another epoch)
     misc.resume(args, model_without_ddp, optimizer, scaler, arch_keys=ARCH_KEYS + ENCODER_KEYS)
 
     log_writer = None
@@ -283,7 +284,7 @@ def train(args):
             with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
                 f.write(json.dumps(log_stats) + '\n')
         if (epoch + 1) % args.save_every == 0 or last:
-            misc.save_model(args, epoch, model_without_ddp, optimizer, scaler)
+            misc.save_model(args, epoch, model_without_ddp, optimizer, scaler, start_epoch=start_flag)
 
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if log_writer is not None:

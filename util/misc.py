@@ -121,12 +121,15 @@ class MetricLogger:
 
 
 # ---------------------------------------------------------------- checkpoints
-def save_model(args, epoch, model_without_ddp, optimizer, scaler):
-    """``<output_dir>/checkpoint-<epoch>.pth`` as in MAE, written atomically by the main process."""
+def save_model(args, epoch, model_without_ddp, optimizer, scaler, start_epoch=None):
+    """``<output_dir>/checkpoint-<epoch>.pth`` as in MAE, written atomically by the main process.
+    ``start_epoch``: the value its ``args`` record (the command's ``--start_epoch``, not the epoch a
+    resumed run started at: a resumed run's checkpoints are then those of an uninterrupted one)."""
     if is_main_process():
         path = os.path.join(args.output_dir, f'checkpoint-{epoch}.pth')
+        saved = plain_args(args) if start_epoch is None else {**plain_args(args), 'start_epoch': start_epoch}
         save_checkpoint(path, {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                               'epoch': epoch, 'scaler': scaler_state(scaler), 'args': plain_args(args)})
+                               'epoch': epoch, 'scaler': scaler_state(scaler), 'args': saved})
         print(f'saved {path}')
     if is_dist():
         dist.barrier()
