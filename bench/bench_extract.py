@@ -166,7 +166,8 @@ def _texture_video(item):
 
 def decode_limit(args, work):
     # one folder per kind of videos: step 1 segments every video of it
-    video_dir = os.path.join(work, f'dl_videos_{args.dl_codec}_{args.dl_videos}x{args.dl_seconds:g}s_grain{args.dl_grain}')
+    kind = f'{args.dl_codec}_{args.dl_videos}x{args.dl_seconds:g}s_grain{args.dl_grain}'
+    video_dir = os.path.join(work, f'dl_videos_{kind}')
     os.makedirs(video_dir, exist_ok=True)
     ext = DL_CODECS[args.dl_codec][2]
     paths = [os.path.join(video_dir, f'texture{i}.{ext}') for i in range(args.dl_videos)]
@@ -201,7 +202,8 @@ def decode_limit(args, work):
          startup_s=summary['first_batch_s'],
          frames=frames, segments=summary['segments'], num_workers=args.num_workers, video='480x270@30',
          codec=args.dl_codec, grain=args.dl_grain,
-         video_seconds=args.dl_seconds, num_videos=args.dl_videos, megabytes=round(sum(map(os.path.getsize, paths)) / 1e6, 1),
+         video_seconds=args.dl_seconds, num_videos=args.dl_videos,
+         megabytes=round(sum(map(os.path.getsize, paths)) / 1e6, 1),
          cpus=os.cpu_count(), config='tiny', random_init=True)
 
 
